@@ -1,0 +1,402 @@
+"""Data for retool: file readers, prompts, trace tokenization, and the built-in task + tokenizer.
+
+The trace format is the ReTool one: the model writes `<code>\n```python\n...\n```\n</code>`, the
+engine appends `interpreter_block(feedback)` as token ids, the model goes on and ends with
+`\\boxed{answer}` and EOS. `tokenize_trace` rebuilds exactly that id stream for SFT.
+"""
+import hashlib
+import json
+import math
+import random
+import re
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- config
+
+TOOL_INSTRUCTION = (
+    "Solve the problem below. You may run Python: write a complete script as "
+    "<code>\n```python\n...\n```\n</code> and what it prints comes back as "
+    "<interpreter>\n...\n</interpreter>. Every script runs on its own, so repeat the imports "
+    "and definitions it needs. Put the final answer in \\boxed{}."
+)
+TEXT_INSTRUCTION = (
+    "Solve the problem below by reasoning step by step, without running code. "
+    "Put the final answer in \\boxed{}."
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos
+TAG_TOKENS = ["<code>", "</code>", "<interpreter>", "</interpreter>", "```python"]
+CHAT_TEMPLATE = (  # Qwen-style, without the default system message
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TOOL_ROLES = ("tool", "ipython", "function")  # split-form interpreter outputs
+# one interpreter block inside assistant text; whitespace around it is re-rendered canonically
+INTERPRETER_RE = re.compile(r"\s*<interpreter>\n?(.*?)</interpreter>[ \t]*\n?", re.S)
+
+
+class DataError(Exception):
+    """Bad user data; the message is one line naming the file and the row."""
+
+
+@dataclass
+class Problem:
+    problem: str
+    answer: str
+    kind: str = ""
+    level: int = 0
+
+
+# ----------------------------------------------------------------------------- readers
+
+def _rows(path) -> list[tuple[str, dict]]:
+    """(where, row) pairs; `where` is 'path:N' with N the 1-based line (.jsonl) or row number."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"{path}: unknown extension '{ext}' (expected .jsonl, .json or .parquet)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+        except Exception as e:
+            raise DataError(f"{path}: invalid parquet ({str(e).splitlines()[0]})") from None
+    elif ext == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise DataError(f"{path}{where}: invalid JSON ({str(e).splitlines()[0]})") from None
+        if isinstance(data, dict):  # a single row
+            data = [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        rows = list(enumerate(data, 1))
+    else:
+        rows = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    if not rows:
+        raise DataError(f"{path}: empty file")
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+    return [(f"{path}:{n}", row) for n, row in rows]
+
+
+def read_rows(path) -> list[dict]:
+    return [row for _, row in _rows(path)]
+
+
+def _get(row: dict, names: tuple[str, ...], where: str) -> str:
+    """First present, non-empty field among `names` (dotted names reach into dicts), as a string."""
+    for name in names:
+        value = row
+        for key in name.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, list) and value and isinstance(value[-1], dict):  # chat-form prompt
+            value = value[-1].get("content")
+        if value is not None and str(value).strip():
+            return str(value)
+    also = ", ".join(f"'{n}'" for n in names[1:])
+    raise DataError(f"{where}: missing field '{names[0]}'" + (f" (also accepted: {also})" if also else ""))
+
+
+def _problem(row: dict, where: str) -> Problem:
+    # one reader for DAPO rows (prompt + reward_model.ground_truth), flat rows and AIME-style rows
+    return Problem(_get(row, ("problem", "question", "input", "prompt"), where),
+                   _get(row, ("answer", "output", "reward_model.ground_truth"), where))
+
+
+def load_rl(path) -> list[Problem]:
+    return [_problem(row, where) for where, row in _rows(path)]
+
+
+def load_eval(path) -> list[Problem]:
+    return [_problem(row, where) for where, row in _rows(path)]
+
+
+def _prompt_and_response(messages, where: str = "messages") -> tuple[str, str]:
+    """(user text, assistant text) of one conversation; `tool` messages become interpreter blocks
+    and a system message is folded into the user text (prompts here are a single user turn)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    prompt, response = [], []
+    for i, m in enumerate(messages, 1):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {i} has no 'content' string")
+        if role in ("system", "user"):
+            if response:
+                raise DataError(f"{where}: message {i}: multi-turn conversations are not supported")
+            prompt.append(content)
+        elif role == "assistant":
+            response.append(content)
+        elif role in TOOL_ROLES:
+            response.append(interpreter_block(content))
+        else:
+            raise DataError(f"{where}: message {i} has unknown role {role!r}")
+    if not prompt or not response:
+        raise DataError(f"{where}: needs a user message and an assistant message")
+    return "\n\n".join(prompt), "".join(response)
+
+
+def load_sft(path) -> list[list[dict]]:
+    """Conversations as [user, assistant] with interpreter outputs inline in the assistant text."""
+    out = []
+    for where, row in _rows(path):
+        if "messages" not in row:
+            raise DataError(f"{where}: missing field 'messages'")
+        user, text = _prompt_and_response(row["messages"], where)
+        out.append([{"role": "user", "content": user}, {"role": "assistant", "content": text}])
+    return out
+
+
+# ----------------------------------------------------------------------------- prompts and traces
+
+def render_prompt(tokenizer, problem: str, tools=True) -> list[int]:
+    """Prompt ids ending with the assistant header. tools=None: the problem text is used as is
+    (for data whose user turn already carries its own instruction)."""
+    instruction = {True: TOOL_INSTRUCTION, False: TEXT_INSTRUCTION, None: None}[tools]
+    content = problem if instruction is None else f"{instruction}\n\n{problem}"
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                              add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+def interpreter_block(feedback: str) -> str:
+    return "\n<interpreter>\n" + feedback.rstrip("\n") + "\n</interpreter>\n"
+
+
+def encode_interpreter(tokenizer, feedback: str) -> list[int]:
+    # tokenized alone, so its ids never merge with the model's text around it
+    return tokenizer.encode(interpreter_block(feedback), add_special_tokens=False)
+
+
+def tokenize_trace(tokenizer, messages, tools=True) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a conversation, built the way the engine builds it: prompt ids, then
+    model-text segments and interpreter blocks each tokenized alone, then EOS. Mask is 0 on the
+    prompt and interpreter ids, 1 on the model's own ids and the final EOS."""
+    user, text = _prompt_and_response(messages)
+    ids = render_prompt(tokenizer, user, tools)
+    mask = [0] * len(ids)
+
+    def add(new, m):
+        ids.extend(new)
+        mask.extend([m] * len(new))
+
+    pos = 0
+    for match in INTERPRETER_RE.finditer(text):
+        add(tokenizer.encode(text[pos:match.start()], add_special_tokens=False), 1)
+        add(encode_interpreter(tokenizer, match.group(1)), 0)
+        pos = match.end()
+    add(tokenizer.encode(text[pos:], add_special_tokens=False) + [tokenizer.eos_token_id], 1)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- built-in task
+# Problems a tiny model cannot do in its head but solves by copying the operands into one line of
+# Python. Each generator returns (problem text, working code, exact integer answer); `level` 1-3
+# scales the operands.
+
+def _n(rng, digits):
+    return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+
+
+@lru_cache(maxsize=1)
+def _prime_flags(limit=20_000):
+    flags = bytearray([1]) * (limit + 1)
+    flags[0] = flags[1] = 0
+    for p in range(2, math.isqrt(limit) + 1):
+        if flags[p]:
+            flags[p * p::p] = bytes(len(range(p * p, limit + 1, p)))
+    return flags
+
+
+def _mul(rng, level):
+    a, b = _n(rng, (2, 4, 6)[level - 1]), _n(rng, (2, 3, 5)[level - 1])
+    return f"What is {a} * {b}?", f"print({a} * {b})", a * b
+
+
+def _add(rng, level):
+    xs = [_n(rng, (3, 5, 7)[level - 1]) for _ in range(level + 2)]
+    expr = " + ".join(map(str, xs))
+    return f"What is {expr}?", f"print({expr})", sum(xs)
+
+
+def _powmod(rng, level):
+    a, b, m = [_n(rng, d) for d in ((1, 2, 2), (2, 3, 3), (4, 4, 4))[level - 1]]
+    return f"What is {a}^{b} mod {m}?", f"print(pow({a}, {b}, {m}))", pow(a, b, m)
+
+
+def _digitsum(rng, level):
+    a, b = rng.randint(2, (9, 30, 99)[level - 1]), rng.randint(5, (15, 60, 200)[level - 1])
+    code = f"print(sum(map(int, str({a} ** {b}))))"
+    return f"What is the digit sum of {a}^{b}?", code, sum(map(int, str(a ** b)))
+
+
+def _primes(rng, level):
+    lo = rng.randint(2, (50, 1000, 10_000)[level - 1])
+    hi = lo + rng.randint(*((10, 50), (50, 500), (500, 2000))[level - 1])
+    code = f"print(sum(all(n % d for d in range(2, n)) for n in range({lo}, {hi} + 1)))"
+    return f"How many primes are between {lo} and {hi}?", code, sum(_prime_flags()[lo:hi + 1])
+
+
+def _divisors(rng, level):
+    n = rng.randint(12, (100, 10_000, 1_000_000)[level - 1])
+    code = f"n = {n}\nprint(sum(n % d == 0 for d in range(1, n + 1)))"
+    count = sum(2 - (d * d == n) for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return f"How many divisors does {n} have?", code, count
+
+
+def _gcd_lcm(name, fn):
+    def gen(rng, level):
+        # a shared factor, so that the answer is not almost always 1 (gcd) or the product (lcm)
+        g = _n(rng, level)
+        xs = [g * rng.randint(2, (9, 99, 999)[level - 1]) for _ in range(level + 1)]
+        args = ", ".join(map(str, xs))
+        code = f"from math import {name}\nprint({name}({args}))"
+        return f"What is {name}({args})?", code, fn(*xs)
+    return gen
+
+
+def _comb(rng, level):
+    n = rng.randint(5, (20, 40, 100)[level - 1])
+    k = rng.randint(2, n - 2)
+    return f"What is {n} choose {k}?", f"from math import comb\nprint(comb({n}, {k}))", math.comb(n, k)
+
+
+KINDS = {"mul": _mul, "add": _add, "powmod": _powmod, "digitsum": _digitsum, "primes": _primes,
+         "divisors": _divisors, "gcd": _gcd_lcm("gcd", math.gcd), "lcm": _gcd_lcm("lcm", math.lcm),
+         "comb": _comb}
+LEVELS = (1, 2, 3)
+TEST_SHARE = 0.2  # of the problem space, by hash of the problem text
+
+
+def _split(text: str) -> str:
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return "test" if h / 2 ** 64 < TEST_SHARE else "train"
+
+
+def _builtin(split: str, n: int, seed: int):
+    """n distinct (Problem, code) pairs of one split; kinds and levels drawn uniformly."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    rng, seen, out = random.Random(f"retool-{seed}"), set(), []
+    while len(out) < n:
+        kind, level = rng.choice(sorted(KINDS)), rng.choice(LEVELS)
+        text, code, answer = KINDS[kind](rng, level)
+        if text not in seen and _split(text) == split:  # the test split owns its problems
+            seen.add(text)
+            out.append((Problem(text, str(answer), kind, level), code))
+    return out
+
+
+def builtin_problems(split: str, n: int, seed: int = 0) -> list[Problem]:
+    return [p for p, _ in _builtin(split, n, seed)]
+
+
+def _broken(code: str) -> str:
+    """A first attempt with a typical slip: a missing import, a wrong type, a missing ')'."""
+    if code.startswith("from "):
+        return code.split("\n", 1)[1]
+    if "map(int, " in code:
+        return code.replace("map(int, ", "").replace(")))", "))", 1)
+    return code[:-1]
+
+
+def _run_error(code: str) -> str:
+    """The last traceback line Python prints for code that fails (computed here, no sandbox)."""
+    try:
+        exec(compile(code, "<code>", "exec"), {})
+    except Exception as e:
+        return traceback.format_exception(e)[-1].strip()
+    raise AssertionError(f"expected an error from {code!r}")
+
+
+def _code(code: str) -> str:
+    return f"<code>\n```python\n{code}\n```\n</code>"
+
+
+def builtin_sft_traces(n: int, seed: int = 0, code_share: float = 0.6,
+                       fix_share: float = 0.15) -> list[list[dict]]:
+    """Cold-start SFT conversations on train problems. A share `code_share` solve with code (of
+    those, `fix_share` first run a broken script, read the error and fix it); the rest state the
+    answer in text. The first assistant token already tells code (`<code>`) from text."""
+    rng = random.Random(f"retool-sft-{seed}")
+    out = []
+    for p, code in _builtin("train", n, seed):
+        if rng.random() < code_share:
+            text = _code(code) + interpreter_block(p.answer) + f"\\boxed{{{p.answer}}}"
+            if rng.random() < fix_share:
+                bad = _broken(code)
+                text = _code(bad) + interpreter_block(_run_error(bad)) + text
+        else:
+            text = f"The answer is \\boxed{{{p.answer}}}"
+        out.append([{"role": "user", "content": p.problem}, {"role": "assistant", "content": text}])
+    return out
+
+
+# ----------------------------------------------------------------------------- built-in tokenizer
+
+def _corpus() -> list[str]:
+    """The strings tokenize_trace encodes one by one for built-in traces (prompts rendered with
+    both instructions, model segments, interpreter blocks), so merges fit what the model sees."""
+    out = []
+    for i, (user, reply) in enumerate(builtin_sft_traces(1500, seed=12345, code_share=0.7,
+                                                         fix_share=0.3)):
+        instruction = TOOL_INSTRUCTION if i % 4 else TEXT_INSTRUCTION
+        out.append(f"<|im_start|>user\n{instruction}\n\n{user['content']}<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+        text, pos = reply["content"], 0
+        for m in INTERPRETER_RE.finditer(text):
+            out += [text[pos:m.start()], interpreter_block(m.group(1))]
+            pos = m.end()
+        out.append(text[pos:] + "<|im_end|>")
+    return out
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    # Digits stay single tokens (the model copies operands digit by digit); everything else is
+    # byte-level, so any text round-trips, and BPE may merge across spaces: the fixed instruction
+    # and code templates become a handful of tokens, which makes the tiny model's job short.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # the tags are plain (not special) tokens: decode keeps them, and no merge crosses them
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=SPECIAL_TOKENS, max_token_length=None)
+    # the trainer does not split out added tokens itself; do it, so no merge is spent on them
+    added = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + TAG_TOKENS)))
+    tok.train_from_iterator((p for s in _corpus() for p in added.split(s) if p), trainer)
+    return tok.to_str()
+
+
+def builtin_tokenizer():
+    """A deterministic ~1k-token byte-level BPE for the built-in task, with a chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20)
