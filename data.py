@@ -232,7 +232,7 @@ def _mul(rng, level):
 
 
 def _add(rng, level):
-    xs = [_n(rng, (3, 5, 7)[level - 1]) for _ in range(level + 2)]
+    xs = [_n(rng, (3, 5, 7)[level - 1]) for _ in range(level + 1)]
     expr = " + ".join(map(str, xs))
     return f"What is {expr}?", f"print({expr})", sum(xs)
 
@@ -266,7 +266,7 @@ def _gcd_lcm(name, fn):
     def gen(rng, level):
         # a shared factor, so that the answer is not almost always 1 (gcd) or the product (lcm)
         g = _n(rng, level)
-        xs = [g * rng.randint(2, (9, 99, 999)[level - 1]) for _ in range(level + 1)]
+        xs = [g * rng.randint(2, (9, 99, 999)[level - 1]) for _ in range((2, 3, 3)[level - 1])]
         args = ", ".join(map(str, xs))
         code = f"from math import {name}\nprint({name}({args}))"
         return f"What is {name}({args})?", code, fn(*xs)
