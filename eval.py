@@ -1,0 +1,307 @@
+"""Evaluate a checkpoint the way the ReTool paper does: k samples per problem at temperature 1.0,
+top-p 0.7, with the code interpreter in the loop (or without: --no-tools), graded on the last
+\\boxed{} answer. Reports avg@k (the paper's pass@1), unbiased pass@k, maj@k and the tool-use
+statistics of the paper's analysis; writes results.json, results.md and samples.jsonl.
+
+    python eval.py                                   # newest of out/rl, out/sft on the built-in test set
+    python eval.py --model DIR --data AIME24.jsonl --k 32 --temperature 1.0 --top-p 0.7
+    python eval.py --compare out/sft out/rl --data AIME24.jsonl --k 8
+    python eval.py --plot out/rl/metrics.jsonl       # training curves -> metrics.png
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from _grading import extract_answer, is_equiv  # re-exported: eval.py is where users find the grader
+
+__all__ = ["extract_answer", "is_equiv", "pass_at_k", "majority_answer", "compute_metrics",
+           "evaluate", "markdown_table", "main"]
+
+# -----------------------------------------------------------------------------
+# config
+
+DEFAULT_MODELS = ("out/rl", "out/sft")  # `python eval.py` takes the newest of these
+BUILTIN_TEST_SIZE = 200
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Columns of the report table: (results key, header, is a fraction shown as a percentage)
+COLUMNS = [("avg@k", "avg@k (pass@1)", True), ("pass@k", "pass@k", True), ("maj@k", "maj@k", True),
+           ("code_ratio", "code ratio", True), ("calls_per_response", "calls/resp", False),
+           ("code_pass_rate", "code pass", True), ("response_length", "resp tokens", False)]
+
+
+class EvalError(Exception):
+    """A user mistake (bad path or flag): one line, exit 2."""
+
+
+# -----------------------------------------------------------------------------
+# metrics: plain functions over trajectories, so tests can call them directly
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
+    computed as a product so it never overflows."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_answer(answers: list):
+    """The most common answer, equivalent answers counted together ("033" with "33"); ties go to
+    the answer seen first; None when no sample produced an answer."""
+    groups = []  # [representative, count]
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if is_equiv(a, g[0]):
+                g[1] += 1
+                break
+        else:
+            groups.append([a, 1])
+    return max(groups, key=lambda g: g[1])[0] if groups else None
+
+
+def compute_metrics(trajectories: list, golds: list) -> dict:
+    """Trajectories ordered problem-major (the k samples of problem 0, then of problem 1, ...)."""
+    if not golds or len(trajectories) % len(golds):
+        raise ValueError(f"{len(trajectories)} trajectories for {len(golds)} problems")
+    k = len(trajectories) // len(golds)
+    answers = [extract_answer(t.text) for t in trajectories]
+    correct = [is_equiv(a, golds[i // k]) for i, a in enumerate(answers)]
+    per_problem = []
+    for p, gold in enumerate(golds):
+        ans, ok = answers[p * k:(p + 1) * k], correct[p * k:(p + 1) * k]
+        maj = majority_answer(ans)
+        per_problem.append({"gold": gold, "answers": ans, "correct": ok, "majority": maj,
+                            "majority_correct": is_equiv(maj, gold)})
+    calls = [c for t in trajectories for c in t.tool_calls]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    m = {"problems": len(golds), "k": k, "samples": len(trajectories),
+         "avg@k": mean(correct),
+         "pass@k": mean([pass_at_k(k, sum(p["correct"]), k) for p in per_problem]),
+         "maj@k": mean([p["majority_correct"] for p in per_problem])}
+    j = 1
+    while j <= k:  # the pass@j curve, powers of two up to k
+        m[f"pass@{j}"] = mean([pass_at_k(k, sum(p["correct"]), j) for p in per_problem])
+        j *= 2
+    m.update({
+        "answered": mean([a is not None for a in answers]),
+        "code_ratio": mean([len(t.tool_calls) > 0 for t in trajectories]),
+        "calls_per_response": len(calls) / len(trajectories),
+        "code_pass_rate": mean([c.status == "ok" for c in calls]) if calls else None,
+        "response_length": mean([len(t.response_ids) for t in trajectories]),
+        "finish_reasons": {r: sum(t.finish_reason == r for t in trajectories)
+                           for r in sorted({t.finish_reason for t in trajectories})},
+    })
+    return {"metrics": m, "per_problem": per_problem, "correct": correct}
+
+
+def markdown_table(rows: list) -> str:
+    """rows: (name, results dict) pairs -> one markdown table, a row per checkpoint."""
+    def cell(v, pct):
+        if v is None:
+            return "–"
+        return f"{100 * v:.1f}" if pct else f"{v:.2f}" if v < 10 else f"{v:.0f}"
+    head = ["model", "data", "tools", "k"] + [h for _, h, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        m = r["metrics"]
+        vals = [name, r["data"], "yes" if r["tools"] else "no", str(m["k"])]
+        lines.append("| " + " | ".join(vals + [cell(m[key], pct) for key, _, pct in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.7, tools=True,
+             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True):
+    """Sample k responses per problem (one sandbox shared by all of them) and grade them.
+    -> (compute_metrics(...) dict, list of trajectories)."""
+    from tqdm import tqdm
+
+    from data import render_prompt
+    from retool import generate
+
+    prompts = [render_prompt(tokenizer, p.problem, tools=tools) for p in problems for _ in range(k)]
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]  # per prompt: chunking never changes a sample
+    # generate batches continuously within a call; calls of 4 x max_batch prompts let the bar move
+    chunk = 4 * max_batch
+    trajectories = []
+    with tqdm(total=len(prompts), desc="eval", unit="sample", disable=not progress) as bar, \
+            _sandbox(tools) as sb:
+        for s in range(0, len(prompts), chunk):
+            trajectories += generate(model, tokenizer, prompts[s:s + chunk], max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, seed=seeds[s:s + chunk],
+                                     tool=sb.run_many if sb else None, max_tool_calls=max_tool_calls,
+                                     max_batch=max_batch)
+            bar.update(len(prompts[s:s + chunk]))
+    return compute_metrics(trajectories, [p.answer for p in problems]), trajectories
+
+
+class _NoSandbox:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sandbox(tools):
+    from sandbox import Sandbox
+    return Sandbox() if tools else _NoSandbox()
+
+
+def _write_atomic(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
+    found = [(max(f.stat().st_mtime for f in map(Path(d).joinpath, MODEL_FILES) if f.is_file()), d)
+             for d in candidates if any(Path(d, f).is_file() for f in MODEL_FILES)]
+    if not found:
+        raise EvalError(f"no checkpoint in {' or '.join(candidates)}: train one "
+                        "(python retool.py --stage sft) or pass --model DIR")
+    return Path(max(found)[1])
+
+
+def run_one(model_dir: Path, args, problems, data_name: str) -> dict:
+    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl to its out dir."""
+    from retool import load_model
+
+    if not model_dir.is_dir():
+        raise EvalError(f"--model {model_dir}: no such directory")
+    model, tokenizer = load_model(model_dir)
+    model.eval()
+    res, trajs = evaluate(model, tokenizer, problems, k=args.k, temperature=args.temperature,
+                          top_p=args.top_p, tools=not args.no_tools, max_new_tokens=args.max_new_tokens,
+                          max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch)
+    out = Path(args.out) if args.out and not args.compare else \
+        Path(args.out or "out/eval") / f"{model_dir.name}-{data_name}{'-notools' if args.no_tools else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed")}
+    results = {"model": str(model_dir), "data": data_name, "tools": not args.no_tools, **settings,
+               "metrics": res["metrics"], "per_problem": [
+                   dict(problem=p.problem, **r) for p, r in zip(problems, res["per_problem"])]}
+    _write_atomic(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    _write_atomic(out / "results.md", markdown_table([(model_dir.name, results)]) + "\n")
+    _write_atomic(out / "samples.jsonl", "".join(json.dumps(
+        {"problem": i // args.k, "sample": i % args.k, "answer": extract_answer(t.text), "correct": c,
+         "finish_reason": t.finish_reason, "tool_calls": len(t.tool_calls), "text": t.text},
+        ensure_ascii=False) + "\n" for i, (t, c) in enumerate(zip(trajs, res["correct"]))))
+    results["out"] = str(out)
+    return results
+
+
+def plot(metrics_path: Path) -> Path:
+    """Training curves from a metrics.jsonl (one JSON object per step) -> a PNG beside it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        raise EvalError(f"--plot {metrics_path}: no such file")
+    rows = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError:
+            raise EvalError(f"{metrics_path}:{n}: not a JSON object") from None
+    # each panel: the first key present (the RL logger's names, then common alternatives)
+    panels = [("reward / accuracy", ("reward", "accuracy", "acc")), ("code ratio", ("code_ratio",)),
+              ("response length", ("response_length", "response_len", "length")),
+              ("code pass rate", ("code_pass_rate", "code_pass"))]
+    found = [(title, next((key for key in keys if any(key in r for r in rows)), None)) for title, keys in panels]
+    if not rows or not any(key for _, key in found):
+        raise EvalError(f"{metrics_path}: no reward/code_ratio/response_length/code_pass_rate columns")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, (title, key) in zip(axes, found):
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(f"{title} ({key})" if key else f"{title} (not logged)")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    png = metrics_path.with_suffix(".png")
+    fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, png)
+    return png
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint directory (default: the newest of out/rl, out/sft)")
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="evaluate several checkpoints side by side")
+    p.add_argument("--data", help="eval file (.jsonl/.json/.parquet; default: the built-in test set)")
+    p.add_argument("--k", type=int, help="samples per problem (default 32 with --data, 1 built-in)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--no-tools", action="store_true", help="text-only reasoning, no interpreter")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-tool-calls", type=int, default=8)
+    p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    p.add_argument("--batch", type=int, default=64, help="rows decoded at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default out/eval/<model>-<data>)")
+    p.add_argument("--plot", metavar="METRICS_JSONL", help="draw training curves to a PNG and exit")
+    args = p.parse_args(argv)
+    args.k = args.k if args.k is not None else (32 if args.data else 1)
+    for flag in ("k", "max_new_tokens", "batch", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_tool_calls < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("need --max-tool-calls >= 0, --temperature >= 0 and 0 < --top-p <= 1")
+    if args.model and args.compare:
+        p.error("give --model or --compare, not both")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from data import DataError, builtin_problems, load_eval
+    from retool import ModelError
+
+    try:
+        if args.plot:
+            print(f"wrote {plot(Path(args.plot))}")
+            return 0
+        if args.data:
+            problems, data_name = load_eval(args.data), Path(args.data).stem
+        else:
+            problems, data_name = builtin_problems("test", BUILTIN_TEST_SIZE), "builtin-test"
+        problems = problems[:args.limit] if args.limit else problems
+        if not problems:
+            raise EvalError(f"--data {args.data}: no problems")
+        models = [Path(d) for d in args.compare] if args.compare else [Path(args.model) if args.model else newest_checkpoint()]
+        rows = [(str(d), run_one(d, args, problems, data_name)) for d in models]
+    except (EvalError, DataError, ModelError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    table = markdown_table(rows)
+    print(table)
+    if args.compare:
+        out = Path(args.out or "out/eval")
+        _write_atomic(out / f"compare-{data_name}.md", table + "\n")
+    for _, r in rows:
+        print(f"wrote {r['out']}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
