@@ -34,6 +34,14 @@ CHAT_TEMPLATE = (  # Qwen-style, without the default system message
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 TOOL_ROLES = ("tool", "ipython", "function")  # split-form interpreter outputs
+# Instructions that public datasets wrap around the bare problem (DAPO-Math-17k prompts, the
+# ReTool-SFT user turn). Readers cut them off, so that ours is the only instruction the model
+# sees, the same in SFT, RL and evaluation.
+WRAPPERS = [
+    re.compile(r"Solve the following math problem step by step\..*?\n\n(.*?)\s*"
+               r"(?:Remember to put your answer on its own line after \"Answer:\".*)?", re.S),
+    re.compile(r".*?\*user question:\*\s*(.*?)\s*(?:Remember to place the final answer.*)?", re.S),
+]
 # one interpreter block inside assistant text; whitespace around it is re-rendered canonically
 INTERPRETER_RE = re.compile(r"\s*<interpreter>\n?(.*?)</interpreter>[ \t]*\n?", re.S)
 
@@ -115,9 +123,16 @@ def _get(row: dict, names: tuple[str, ...], where: str) -> str:
     raise DataError(f"{where}: missing field '{names[0]}'" + (f" (also accepted: {also})" if also else ""))
 
 
+def _bare_problem(text: str) -> str:
+    for pattern in WRAPPERS:
+        if match := pattern.fullmatch(text.strip()):
+            return match.group(1)
+    return text
+
+
 def _problem(row: dict, where: str) -> Problem:
     # one reader for DAPO rows (prompt + reward_model.ground_truth), flat rows and AIME-style rows
-    return Problem(_get(row, ("problem", "question", "input", "prompt"), where),
+    return Problem(_bare_problem(_get(row, ("problem", "question", "input", "prompt"), where)),
                    _get(row, ("answer", "output", "reward_model.ground_truth"), where))
 
 
@@ -136,7 +151,9 @@ def _prompt_and_response(messages, where: str = "messages") -> tuple[str, str]:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     prompt, response = [], []
     for i, m in enumerate(messages, 1):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        m = m if isinstance(m, dict) else {}
+        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls") or []
+        content = "" if content is None and calls else content
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i} has no 'content' string")
         if role in ("system", "user"):
@@ -145,13 +162,21 @@ def _prompt_and_response(messages, where: str = "messages") -> tuple[str, str]:
             prompt.append(content)
         elif role == "assistant":
             response.append(content)
+            for call in calls:  # OpenAI-style tool calls (verl's ReTool-SFT conversion): back to <code>
+                try:
+                    args = call["function"]["arguments"]
+                    code = (json.loads(args) if isinstance(args, str) else args)["code"]
+                except (KeyError, TypeError, ValueError):
+                    raise DataError(f"{where}: message {i}: a tool call without a 'code' argument") from None
+                sep = "\n" if content and not content.endswith("\n") else ""
+                response.append(sep + code_block(code))
         elif role in TOOL_ROLES:
             response.append(interpreter_block(content))
         else:
             raise DataError(f"{where}: message {i} has unknown role {role!r}")
     if not prompt or not response:
         raise DataError(f"{where}: needs a user message and an assistant message")
-    return "\n\n".join(prompt), "".join(response)
+    return _bare_problem("\n\n".join(prompt)), "".join(response)
 
 
 def load_sft(path) -> list[list[dict]]:
@@ -179,6 +204,10 @@ def render_prompt(tokenizer, problem: str, tools=True) -> list[int]:
 
 def interpreter_block(feedback: str) -> str:
     return "\n<interpreter>\n" + feedback.rstrip("\n") + "\n</interpreter>\n"
+
+
+def code_block(code: str) -> str:
+    return f"<code>\n```python\n{code}\n```\n</code>"
 
 
 def encode_interpreter(tokenizer, feedback: str) -> list[int]:
@@ -327,10 +356,6 @@ def _run_error(code: str) -> str:
     raise AssertionError(f"expected an error from {code!r}")
 
 
-def _code(code: str) -> str:
-    return f"<code>\n```python\n{code}\n```\n</code>"
-
-
 def builtin_sft_traces(n: int, seed: int = 0, code_share: float = 0.6,
                        fix_share: float = 0.15) -> list[list[dict]]:
     """Cold-start SFT conversations on train problems. A share `code_share` solve with code (of
@@ -340,10 +365,10 @@ def builtin_sft_traces(n: int, seed: int = 0, code_share: float = 0.6,
     out = []
     for p, code in _builtin("train", n, seed):
         if rng.random() < code_share:
-            text = _code(code) + interpreter_block(p.answer) + f"\\boxed{{{p.answer}}}"
+            text = code_block(code) + interpreter_block(p.answer) + f"\\boxed{{{p.answer}}}"
             if rng.random() < fix_share:
                 bad = _broken(code)
-                text = _code(bad) + interpreter_block(_run_error(bad)) + text
+                text = code_block(bad) + interpreter_block(_run_error(bad)) + text
         else:
             text = f"The answer is \\boxed{{{p.answer}}}"
         out.append([{"role": "user", "content": p.problem}, {"role": "assistant", "content": text}])

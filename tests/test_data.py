@@ -84,6 +84,37 @@ def test_rl_and_eval_rows(tmp_path):
     assert load_eval(path) == [Problem("P1", "45"), Problem("P2", "0"), Problem("P3", "3")]
 
 
+def test_public_dataset_shapes(tmp_path):
+    # DAPO-Math-17k wraps its problems in its own instruction; ReTool-SFT's user turn too; verl
+    # converts ReTool-SFT to OpenAI-style tool calls. All read back to the bare problem and the
+    # inline trace.
+    dapo = ("Solve the following math problem step by step. The last line of your response should be of "
+            "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+            "Find $x$ if $2x = 6$.\n\nRemember to put your answer on its own line after \"Answer:\".")
+    path = write(tmp_path / "dapo.jsonl", [{"prompt": [{"role": "user", "content": dapo}],
+                                            "reward_model": {"ground_truth": "3", "style": "rule"}}])
+    assert load_rl(path) == [Problem("Find $x$ if $2x = 6$.", "3")]
+    retool_user = ("Solve step by step. You may write code...\n\n*user question:*\nFind $x$ if $2x = 6$."
+                   "\n\nRemember to place the final answer in the last part using the format: \n<answer>\n"
+                   "\\boxed{'The final answer goes here.'}\n</answer>")
+    inline = ("Solve it.\n<code>\n```python\nprint(6 // 2)\n```\n</code>\n<interpreter>\n3\n</interpreter>\n"
+              "<answer>\n\\boxed{3}\n</answer>")
+    call = {"type": "function", "function": {"name": "code_interpreter", "arguments": {"code": "print(6 // 2)"}}}
+    verl = [{"role": "user", "content": "Find $x$ if $2x = 6$."},
+            {"role": "assistant", "content": "Solve it.", "tool_calls": [call]},
+            {"role": "tool", "content": "3"},
+            {"role": "assistant", "content": "<answer>\n\\boxed{3}\n</answer>"}]
+    string_args = {**call, "function": {**call["function"], "arguments": json.dumps({"code": "print(6 // 2)"})}}
+    path = write(tmp_path / "sft.jsonl", [
+        {"messages": [{"role": "user", "content": retool_user}, {"role": "assistant", "content": inline}]},
+        {"messages": verl},
+        {"messages": [verl[0], {**verl[1], "tool_calls": [string_args]}] + verl[2:]}])
+    want = [{"role": "user", "content": "Find $x$ if $2x = 6$."}, {"role": "assistant", "content": inline}]
+    assert load_sft(path) == [want] * 3
+    write(path, [{"messages": [verl[0], {**verl[1], "tool_calls": [{"function": {"arguments": {}}}]}]}])
+    assert error(load_sft, path) == f"{path}:1: message 2: a tool call without a 'code' argument"
+
+
 def test_real_aime_files():
     for name in ("AIME24.jsonl", "AIME25.jsonl"):
         problems = load_eval(SHARED / name)
