@@ -79,7 +79,7 @@ def _rows(path) -> list[tuple[str, dict]]:
             raise DataError(f"{path}: invalid parquet ({str(e).splitlines()[0]})") from None
     elif ext == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
             raise DataError(f"{path}{where}: invalid JSON ({str(e).splitlines()[0]})") from None
@@ -90,7 +90,7 @@ def _rows(path) -> list[tuple[str, dict]]:
         rows = list(enumerate(data, 1))
     else:
         rows = []
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -261,7 +261,7 @@ def _mul(rng, level):
 
 
 def _add(rng, level):
-    xs = [_n(rng, (3, 5, 7)[level - 1]) for _ in range(level + 1)]
+    xs = [_n(rng, (3, 4, 6)[level - 1]) for _ in range((2, 3, 3)[level - 1])]
     expr = " + ".join(map(str, xs))
     return f"What is {expr}?", f"print({expr})", sum(xs)
 
