@@ -39,7 +39,8 @@ def extract_answer(text):
 
 def _normalize(s):
     s = str(s).strip()
-    s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).replace("$", "").strip()
+    s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).replace("\\$", "").replace("$", "").strip()
+    s = s.replace("−", "-")  # unicode minus
     s = re.sub(r"\\text\{\s*[a-zA-Z ]*\}\s*$", "", s) if re.match(r"^[-\d.,/ ]+\\text", s) else s
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox|boxed)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(left|right|displaystyle|[,;:! ])", "", s)

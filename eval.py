@@ -9,6 +9,7 @@ statistics of the paper's analysis; writes results.json, results.md and samples.
     python eval.py --plot out/rl/metrics.jsonl       # training curves -> metrics.png
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -17,9 +18,6 @@ import tempfile
 from pathlib import Path
 
 from _grading import extract_answer, is_equiv  # re-exported: eval.py is where users find the grader
-
-__all__ = ["extract_answer", "is_equiv", "pass_at_k", "majority_answer", "compute_metrics",
-           "evaluate", "markdown_table", "main"]
 
 # -----------------------------------------------------------------------------
 # config
@@ -127,6 +125,7 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
 
     from data import render_prompt
     from retool import generate
+    from sandbox import Sandbox
 
     prompts = [render_prompt(tokenizer, p.problem, tools=tools) for p in problems for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))]  # per prompt: chunking never changes a sample
@@ -134,7 +133,7 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
     chunk = 4 * max_batch
     trajectories = []
     with tqdm(total=len(prompts), desc="eval", unit="sample", disable=not progress) as bar, \
-            _sandbox(tools) as sb:
+            (Sandbox() if tools else contextlib.nullcontext()) as sb:
         for s in range(0, len(prompts), chunk):
             trajectories += generate(model, tokenizer, prompts[s:s + chunk], max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seeds[s:s + chunk],
@@ -142,19 +141,6 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
                                      max_batch=max_batch)
             bar.update(len(prompts[s:s + chunk]))
     return compute_metrics(trajectories, [p.answer for p in problems]), trajectories
-
-
-class _NoSandbox:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _sandbox(tools):
-    from sandbox import Sandbox
-    return Sandbox() if tools else _NoSandbox()
 
 
 def _write_atomic(path: Path, text: str):
@@ -220,8 +206,8 @@ def plot(metrics_path: Path) -> Path:
             raise EvalError(f"{metrics_path}:{n}: not a JSON object") from None
     # each panel: the first key present (the RL logger's names, then common alternatives)
     panels = [("reward / accuracy", ("reward", "accuracy", "acc")), ("code ratio", ("code_ratio",)),
-              ("response length", ("response_length", "response_len", "length")),
-              ("code pass rate", ("code_pass_rate", "code_pass"))]
+              ("response length", ("response_len", "response_length")),
+              ("code pass rate", ("code_pass", "code_pass_rate"))]
     found = [(title, next((key for key in keys if any(key in r for r in rows)), None)) for title, keys in panels]
     if not rows or not any(key for _, key in found):
         raise EvalError(f"{metrics_path}: no reward/code_ratio/response_length/code_pass_rate columns")
