@@ -32,6 +32,10 @@ def tok():
     return builtin_tokenizer()
 
 
+def msg(role, content, **kw):
+    return {"role": role, "content": content, **kw}
+
+
 def write(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -58,25 +62,25 @@ def run_py(code: str) -> str:
 def test_sft_inline_and_split_forms(tmp_path):
     inline = ("Let me compute.\n<code>\n```python\nprint(6 * 7)\n```\n</code>\n<interpreter>\n42\n"
               "</interpreter>\nSo \\boxed{42}")
-    split = [{"role": "user", "content": "What is 6 * 7?"},
-             {"role": "assistant", "content": "Let me compute.\n<code>\n```python\nprint(6 * 7)\n```\n</code>"},
-             {"role": "tool", "content": "42\n"},
-             {"role": "assistant", "content": "So \\boxed{42}"}]
+    split = [msg("user", "What is 6 * 7?"),
+             msg("assistant", "Let me compute.\n<code>\n```python\nprint(6 * 7)\n```\n</code>"),
+             msg("tool", "42\n"),
+             msg("assistant", "So \\boxed{42}")]
     path = write(tmp_path / "sft.jsonl", [
-        {"messages": [{"role": "user", "content": "What is 6 * 7?"}, {"role": "assistant", "content": inline}]},
+        {"messages": [msg("user", "What is 6 * 7?"), msg("assistant", inline)]},
         {"messages": split},
-        {"messages": [{"role": "system", "content": "Be brief."}] + split[:2]}])
+        {"messages": [msg("system", "Be brief.")] + split[:2]}])
     rows = load_sft(path)
-    assert rows[0] == [{"role": "user", "content": "What is 6 * 7?"}, {"role": "assistant", "content": inline}]
+    assert rows[0] == [msg("user", "What is 6 * 7?"), msg("assistant", inline)]
     assert rows[1] == rows[0]  # the split form becomes the inline form
     assert rows[2][0]["content"] == "Be brief.\n\nWhat is 6 * 7?"
     assert read_rows(path)[1]["messages"] == split
 
 
 def test_rl_and_eval_rows(tmp_path):
-    dapo = {"prompt": [{"role": "user", "content": "Find x."}], "reward_model": {"ground_truth": "12"},
-            "data_source": "math"}
-    path = write(tmp_path / "rl.jsonl", [dapo, {"problem": "P2", "answer": 7}, {"question": "P3", "answer": "1/2"}])
+    dapo = {"prompt": [msg("user", "Find x.")], "reward_model": {"ground_truth": "12"}, "data_source": "math"}
+    path = write(tmp_path / "rl.jsonl", [dapo, {"problem": "P2", "answer": 7},
+                                         {"question": "P3", "answer": "1/2"}])
     assert load_rl(path) == [Problem("Find x.", "12"), Problem("P2", "7"), Problem("P3", "1/2")]
     path = tmp_path / "eval.json"
     path.write_text(json.dumps([{"input": "P1", "output": "45"}, {"question": "P2", "answer": 0},
@@ -88,28 +92,27 @@ def test_public_dataset_shapes(tmp_path):
     # DAPO-Math-17k wraps its problems in its own instruction; ReTool-SFT's user turn too; verl
     # converts ReTool-SFT to OpenAI-style tool calls. All read back to the bare problem and the
     # inline trace.
-    dapo = ("Solve the following math problem step by step. The last line of your response should be of "
-            "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+    dapo = ("Solve the following math problem step by step. The last line of your response should be "
+            "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
             "Find $x$ if $2x = 6$.\n\nRemember to put your answer on its own line after \"Answer:\".")
-    path = write(tmp_path / "dapo.jsonl", [{"prompt": [{"role": "user", "content": dapo}],
+    path = write(tmp_path / "dapo.jsonl", [{"prompt": [msg("user", dapo)],
                                             "reward_model": {"ground_truth": "3", "style": "rule"}}])
     assert load_rl(path) == [Problem("Find $x$ if $2x = 6$.", "3")]
-    retool_user = ("Solve step by step. You may write code...\n\n*user question:*\nFind $x$ if $2x = 6$."
-                   "\n\nRemember to place the final answer in the last part using the format: \n<answer>\n"
-                   "\\boxed{'The final answer goes here.'}\n</answer>")
-    inline = ("Solve it.\n<code>\n```python\nprint(6 // 2)\n```\n</code>\n<interpreter>\n3\n</interpreter>\n"
-              "<answer>\n\\boxed{3}\n</answer>")
-    call = {"type": "function", "function": {"name": "code_interpreter", "arguments": {"code": "print(6 // 2)"}}}
-    verl = [{"role": "user", "content": "Find $x$ if $2x = 6$."},
-            {"role": "assistant", "content": "Solve it.", "tool_calls": [call]},
-            {"role": "tool", "content": "3"},
-            {"role": "assistant", "content": "<answer>\n\\boxed{3}\n</answer>"}]
-    string_args = {**call, "function": {**call["function"], "arguments": json.dumps({"code": "print(6 // 2)"})}}
+    retool_user = ("Solve step by step. You may write code...\n\n*user question:*\n"
+                   "Find $x$ if $2x = 6$.\n\nRemember to place the final answer in the last part using "
+                   "the format: \n<answer>\n\\boxed{'The final answer goes here.'}\n</answer>")
+    inline = ("Solve it.\n<code>\n```python\nprint(6 // 2)\n```\n</code>\n<interpreter>\n3\n"
+              "</interpreter>\n<answer>\n\\boxed{3}\n</answer>")
+    args = {"code": "print(6 // 2)"}
+    call = {"type": "function", "function": {"name": "code_interpreter", "arguments": args}}
+    verl = [msg("user", "Find $x$ if $2x = 6$."), msg("assistant", "Solve it.", tool_calls=[call]),
+            msg("tool", "3"), msg("assistant", "<answer>\n\\boxed{3}\n</answer>")]
+    string_args = {"function": {"arguments": json.dumps(args)}}  # arguments as a JSON string
     path = write(tmp_path / "sft.jsonl", [
-        {"messages": [{"role": "user", "content": retool_user}, {"role": "assistant", "content": inline}]},
+        {"messages": [msg("user", retool_user), msg("assistant", inline)]},
         {"messages": verl},
         {"messages": [verl[0], {**verl[1], "tool_calls": [string_args]}] + verl[2:]}])
-    want = [{"role": "user", "content": "Find $x$ if $2x = 6$."}, {"role": "assistant", "content": inline}]
+    want = [msg("user", "Find $x$ if $2x = 6$."), msg("assistant", inline)]
     assert load_sft(path) == [want] * 3
     write(path, [{"messages": [verl[0], {**verl[1], "tool_calls": [{"function": {"arguments": {}}}]}]}])
     assert error(load_sft, path) == f"{path}:1: message 2: a tool call without a 'code' argument"
@@ -136,17 +139,21 @@ def test_error_messages(tmp_path):
     assert error(read_rows, bad) == f"{bad}:1: expected a JSON object, got list"
     bad.write_text("\n\n")
     assert error(read_rows, bad) == f"{bad}: empty file"
-    assert error(read_rows, tmp_path / "x.csv") == f"{tmp_path / 'x.csv'}: unknown extension '.csv' (expected .jsonl, .json or .parquet)"
+    csv = tmp_path / "x.csv"
+    assert error(read_rows, csv) == f"{csv}: unknown extension '.csv' (expected .jsonl, .json or .parquet)"
     assert error(read_rows, tmp_path / "nope.jsonl") == f"{tmp_path / 'nope.jsonl'}: no such file"
     bad = tmp_path / "x.json"
     bad.write_text('[{"a": 1},\n{"a": }]')
     assert error(read_rows, bad).startswith(f"{bad}:2: invalid JSON")
-    sft = write(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-                                         {"text": "hi"}])
+    sft = write(tmp_path / "sft.jsonl", [{"messages": [msg("user", "q"), msg("assistant", "a")]}, {"text": "hi"}])
     assert error(load_sft, sft) == f"{sft}:2: missing field 'messages'"
-    write(sft, [{"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}])
+    write(sft, [{"messages": [msg("user", "q"), msg("robot", "a")]}])
     assert error(load_sft, sft) == f"{sft}:1: message 2 has unknown role 'robot'"
-    write(sft, [{"messages": [{"role": "user", "content": "q"}]}])
+    write(sft, [{"messages": [msg("user", "q"), msg("assistant", None)]}])
+    assert error(load_sft, sft) == f"{sft}:1: message 2 has no 'content' string"
+    write(sft, [{"messages": [msg("user", "q"), msg("assistant", "a"), msg("user", "q2")]}])
+    assert error(load_sft, sft) == f"{sft}:1: message 3: multi-turn conversations are not supported"
+    write(sft, [{"messages": [msg("user", "q")]}])
     assert error(load_sft, sft) == f"{sft}:1: needs a user message and an assistant message"
 
 
@@ -167,7 +174,7 @@ def test_parquet(tmp_path, monkeypatch):
 
 def test_render_prompt(tok):
     header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    for tools, instruction in ((True, data.TOOL_INSTRUCTION), (False, data.TEXT_INSTRUCTION), (None, "")):
+    for tools, instruction in (True, data.TOOL_INSTRUCTION), (False, data.TEXT_INSTRUCTION), (None, ""):
         ids = render_prompt(tok, "What is 2 * 3?", tools)
         assert ids[-len(header):] == header
         content = f"{instruction}\n\nWhat is 2 * 3?" if instruction else "What is 2 * 3?"
@@ -179,7 +186,7 @@ def engine_ids(tok, problem, pieces):
     ids, mask = render_prompt(tok, problem), []
     mask = [0] * len(ids)
     for kind, text in pieces:
-        new = encode_interpreter(tok, text) if kind == "tool" else tok.encode(text, add_special_tokens=False)
+        new = tok.encode(text, add_special_tokens=False) if kind == "model" else encode_interpreter(tok, text)
         ids += new
         mask += [int(kind == "model")] * len(new)
     return ids + [tok.eos_token_id], mask + [1]
@@ -193,13 +200,14 @@ def test_tokenize_trace_matches_engine(tok):
               ("model", "The digit sum is \\boxed{45}")]
     want = engine_ids(tok, "Digit sum of 7^12?", pieces)
     inline = "".join(interpreter_block(t) if k == "tool" else t for k, t in pieces)
-    split = [{"role": "user", "content": "Digit sum of 7^12?"}]
-    split += [{"role": "assistant" if k == "model" else "tool", "content": t} for k, t in pieces]
-    assert tokenize_trace(tok, [split[0], {"role": "assistant", "content": inline}]) == want
+    split = [msg("user", "Digit sum of 7^12?")]
+    split += [msg("assistant" if k == "model" else "tool", t) for k, t in pieces]
+    assert tokenize_trace(tok, [split[0], msg("assistant", inline)]) == want
     assert tokenize_trace(tok, split) == want
     # loose whitespace around the interpreter block is re-rendered canonically
-    loose = inline.replace("</code>\n<interpreter>", "</code>  \n\n<interpreter>").replace("</interpreter>\n", "</interpreter>")
-    assert tokenize_trace(tok, [split[0], {"role": "assistant", "content": loose}]) == want
+    loose = inline.replace("</code>\n<interpreter>", "</code>  \n\n<interpreter>")
+    loose = loose.replace("</interpreter>\n", "</interpreter>")
+    assert loose != inline and tokenize_trace(tok, [split[0], msg("assistant", loose)]) == want
     ids, mask = want
     blocks = [tok.decode(ids[i:j]) for i, j in spans(mask, 0)][1:]  # after the prompt
     assert blocks == [interpreter_block(pieces[1][1]), interpreter_block(pieces[3][1])]
@@ -224,8 +232,8 @@ def test_builtin_traces_tokenize_back_to_their_text(tok):
         assert ids[:len(prompt)] == prompt and mask[:len(prompt)] == [0] * len(prompt)
         assert tok.decode(ids[len(prompt):]) == msgs[1]["content"] + "<|im_end|>"
         masked = [tok.decode(ids[i:j]) for i, j in spans(mask, 0)[1:]]
-        assert masked == [interpreter_block(f) for f in re.findall(r"<interpreter>\n(.*?)\n</interpreter>",
-                                                                   msgs[1]["content"], re.S)]
+        outputs = re.findall(r"<interpreter>\n(.*?)\n</interpreter>", msgs[1]["content"], re.S)
+        assert masked == [interpreter_block(f) for f in outputs]
 
 
 # ----------------------------------------------------------------------------- built-in task
@@ -291,9 +299,8 @@ def test_tokenizer_basics(tok):
 
 def test_tokenizer_round_trip(tok):
     rng = random.Random(0)
-    texts = [rng.choice(string.printable) * rng.randint(1, 3) + "".join(rng.choices(string.printable, k=rng.randint(0, 60)))
-             for _ in range(300)]
-    texts += ["héllo wörld ∑ 漢字 🙂", "  leading and trailing  ", "\\boxed{\\frac{1}{2}}", data.TOOL_INSTRUCTION]
+    texts = ["".join(rng.choices(string.printable, k=rng.randint(0, 60))) for _ in range(300)]
+    texts += ["héllo wörld ∑ 漢字 🙂", "  leading and trailing  ", "\\boxed{\\frac{1}{2}}", "\n\n\n  \t"]
     texts += data._corpus()
     for s in texts:
         assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
