@@ -137,8 +137,13 @@ def _problem(row: dict, where: str) -> Problem:
 
 
 def load_rl(path) -> list[Problem]:
-    """RL prompts: DAPO rows (`prompt` chat list + `reward_model.ground_truth`) or flat rows."""
-    return [_problem(row, where) for where, row in _rows(path)]
+    """RL prompts: DAPO rows (`prompt` chat list + `reward_model.ground_truth`) or flat rows.
+    Repeated rows are dropped (the original DAPO-Math-17k file repeats its problems many times)."""
+    problems = {}
+    for where, row in _rows(path):
+        p = _problem(row, where)
+        problems.setdefault((p.problem, p.answer), p)
+    return list(problems.values())
 
 
 def load_eval(path) -> list[Problem]:

@@ -79,7 +79,7 @@ def test_sft_inline_and_split_forms(tmp_path):
 
 def test_rl_and_eval_rows(tmp_path):
     dapo = {"prompt": [msg("user", "Find x.")], "reward_model": {"ground_truth": "12"}, "data_source": "math"}
-    path = write(tmp_path / "rl.jsonl", [dapo, {"problem": "P2", "answer": 7},
+    path = write(tmp_path / "rl.jsonl", [dapo, {"problem": "P2", "answer": 7}, dapo,
                                          {"question": "P3", "answer": "1/2"}])
     assert load_rl(path) == [Problem("Find x.", "12"), Problem("P2", "7"), Problem("P3", "1/2")]
     path = tmp_path / "eval.json"
