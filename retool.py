@@ -584,3 +584,27 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     for t in results:
         t.text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
     return results
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line: `python retool.py --stage sft|rl [stage flags]` (each stage's --help lists its own).
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--stage"), None)
+    stage = stage or next((a.split("=", 1)[1] for a in argv if a.startswith("--stage=")), None)
+    if stage not in ("sft", "rl"):
+        print("error: --stage must be sft or rl (python retool.py --stage sft --help)", file=sys.stderr)
+        return 2
+    rest = [a for i, a in enumerate(argv) if a != "--stage" and not a.startswith("--stage=")
+            and not (i and argv[i - 1] == "--stage")]
+    if stage == "sft":
+        from _sft import sft_main  # DEV: merged into this file
+        return sft_main(rest)
+    from _rl import rl_main  # DEV: merged into this file
+    return rl_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

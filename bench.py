@@ -1,0 +1,154 @@
+"""Speed, measured side by side in one run: `python bench.py` prints a table of ratios.
+
+- engine decode tokens/s against transformers' `generate` on the same weights, batch 1 and 32;
+- tool-interrupted generation against plain generation of the same total length;
+- the sandbox against a fresh interpreter per snippet;
+- on CUDA: a 1.5B-shaped random model in bf16 and its decode roofline fraction.
+"""
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import transformers
+
+import data
+import retool
+
+
+TINY = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def timed(fn, repeat=3):
+    """Best of `repeat` wall times (the least disturbed run) and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_decode(model, tokenizer, hf, batch, new_tokens):
+    problems = data.builtin_problems("test", batch, seed=1)
+    prompts = [data.render_prompt(tokenizer, p.problem) for p in problems]
+    width = min(map(len, prompts))
+    prompts = [p[-width:] for p in prompts]  # equal lengths: no padding on either side
+    ours_s, trajs = timed(lambda: retool.generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                                  temperature=0, max_batch=batch))
+    eos = sorted(retool.stop_ids(tokenizer))
+    hf_s, out = timed(lambda: hf.generate(torch.tensor(prompts), max_new_tokens=new_tokens, do_sample=False,
+                                          eos_token_id=eos, pad_token_id=tokenizer.pad_token_id))
+    ours_tok = sum(len(t.response_ids) for t in trajs)
+    hf_tok = int(sum(((row[width:] != tokenizer.pad_token_id).sum()) for row in out))
+    return ours_tok / ours_s, hf_tok / hf_s
+
+
+def bench_interruptions(tokenizer, calls=4, batch=32):
+    """A tiny model taught one trace with `calls` tool calls; generating it with the tool against
+    plain generation of the same number of tokens (the tool is instant: this is the engine's cost)."""
+    body = "".join(f"<code>\n```python\nprint({i}*{i})\n```\n</code>\n<interpreter>\n{i * i}\n</interpreter>\n"
+                   for i in range(1, calls + 1))
+    messages = [{"role": "user", "content": "Square 1 to 4."}, {"role": "assistant", "content": body + "\\boxed{16}"}]
+    ids, mask = data.tokenize_trace(tokenizer, messages)
+    model = retool.build_model({**TINY, "vocab_size": len(tokenizer)}, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y, w = torch.tensor([ids[:-1]]), torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.float)
+    for _ in range(150):
+        loss = (torch.nn.functional.cross_entropy(model(x)[0], y, reduction="none") * w).sum() / w.sum()
+        opt.zero_grad(), loss.backward(), opt.step()
+    model.eval()
+    prompt = data.render_prompt(tokenizer, "Square 1 to 4.")
+    tool = lambda codes: [str(eval(c.strip()[6:-1])) for c in codes]  # noqa: E731  print(a*b) -> a*b
+    with_tool_s, trajs = timed(lambda: retool.generate(model, tokenizer, [prompt] * batch, temperature=0,
+                                                       max_new_tokens=len(ids), tool=tool))
+    n = len(trajs[0].response_ids)
+    plain_s, plain = timed(lambda: retool.generate(model, tokenizer, [prompt] * batch, temperature=0,
+                                                   max_new_tokens=n, stop=()))
+    assert len(trajs[0].tool_calls) == calls, "the bench model did not learn its trace"
+    return with_tool_s / plain_s, len(plain[0].response_ids), n
+
+
+def bench_sandbox(samples=200):
+    from sandbox import Sandbox  # DEV
+    snippets = {"print(1+1)": "print(1+1)",
+                "numpy snippet": "import numpy as np\nprint(np.linalg.det(np.arange(9.).reshape(3, 3) + np.eye(3)))"}
+    rows = []
+    with Sandbox(timeout=10) as sb:
+        for name, code in snippets.items():
+            sb.run(code)  # warm
+            lat = sorted(timed(lambda: sb.run(code), repeat=1)[0] for _ in range(samples))
+            fresh = sorted(timed(lambda: __import__("subprocess").run(
+                [sys.executable, "-c", "import numpy, sympy, math, fractions, itertools\n" + code],
+                capture_output=True), repeat=1)[0] for _ in range(8))
+            p50, p95 = statistics.median(lat), lat[int(0.95 * len(lat))]
+            rows.append((f"sandbox `{name}` p50 / p95", f"{p50 * 1e3:.1f} / {p95 * 1e3:.1f} ms", "p50 <= 5 ms"))
+            rows.append((f"fresh interpreter / sandbox, `{name}` p50", f"{statistics.median(fresh) / p50:.0f}x",
+                         ">= 100x"))
+        codes = [f"print(sum(range({i})))" for i in range(512)]
+        sb.run_many(codes[:32])
+        secs, results = timed(lambda: sb.run_many(codes), repeat=1)
+        ok = sum(r.status == "ok" for r in results)
+        rows.append(("run_many, 512 snippets", f"{len(codes) / secs:.0f} snippets/s ({ok}/512 ok)", ">= 300/s"))
+    return rows
+
+
+def bench_cuda():
+    """bf16 decode of a 1.5B-shaped random model and the share of memory bandwidth it reaches."""
+    cfg = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+           "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    model = retool.build_model(cfg).to("cuda", torch.bfloat16).eval()
+    tokenizer = data.builtin_tokenizer()  # ids only index the embedding: any tokenizer serves
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    torch.cuda.synchronize()
+    copy_s, _ = timed(lambda: (y.copy_(x), torch.cuda.synchronize()), repeat=5)
+    bandwidth = 2 * x.numel() * 4 / copy_s  # bytes/s: read + write
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for batch in (1, 32):
+        prompts = [[1] * 128] * batch
+        gen = lambda: (retool.generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0), torch.cuda.synchronize())  # noqa: E731
+        secs, (trajs, _) = timed(gen, repeat=2)
+        steps = max(len(t.response_ids) for t in trajs)
+        kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 128 * 2 * batch * (128 + steps / 2)
+        rows.append((f"CUDA bf16 1.5B decode, batch {batch}", f"{batch * steps / secs:.0f} tok/s, "
+                     f"{(weights + kv) * steps / secs / bandwidth:.0%} of {bandwidth / 1e9:.0f} GB/s roofline", ""))
+    return rows
+
+
+def main():
+    torch.manual_seed(0)
+    tokenizer = data.builtin_tokenizer()
+    model = retool.build_model({**TINY, "vocab_size": len(tokenizer)}, seed=0).eval()
+    with torch.no_grad():  # EOS logits pinned at 0, below the top logit: every row decodes all its tokens
+        model.lm_head.weight[sorted(retool.stop_ids(tokenizer))] = 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        retool.save_model(model, tokenizer, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+    for batch in (1, 32):
+        ours, theirs = bench_decode(model, tokenizer, hf, batch, new_tokens=128)
+        rows.append((f"decode tok/s, batch {batch}: engine / transformers",
+                     f"{ours:.0f} / {theirs:.0f} = {ours / theirs:.2f}x", ">= 3x at batch 32" if batch == 32 else ""))
+    ratio, n_plain, n_tool = bench_interruptions(tokenizer)
+    rows.append((f"4 tool calls / plain, {n_tool} tokens x 32 rows", f"{ratio:.2f}x time ({ratio - 1:+.0%})",
+                 "<= +20%"))
+    rows += bench_sandbox()
+    if torch.cuda.is_available():
+        rows += bench_cuda()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}\n")
+    print("| measurement | result | target |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
