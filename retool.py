@@ -258,7 +258,7 @@ def hf_name(name: str) -> str:
 def load_model(path, device=None, dtype=None):
     """A local HF checkpoint directory -> (model, tokenizer), without a transformers model."""
     from safetensors import safe_open
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -295,8 +295,13 @@ def load_model(path, device=None, dtype=None):
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to(device)
+    # A tokenizer saved as a plain tokenizer.json (the built-in one) must load as exactly that:
+    # AutoTokenizer would follow config.json's model_type and swap in Qwen2's pre-tokenizer.
+    tok_cfg = path / "tokenizer_config.json"
+    plain = tok_cfg.is_file() and json.loads(tok_cfg.read_text()).get("tokenizer_class") in (
+        "TokenizersBackend", "PreTrainedTokenizerFast")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     return model, tokenizer

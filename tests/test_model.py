@@ -52,6 +52,9 @@ def test_logits_match_transformers_and_round_trip(kind, tmp_path):
     with torch.no_grad():
         assert (again(ids).logits - want).abs().max() < 1e-4
     assert json.loads((tmp_path / "ours/config.json").read_text())["dtype"] == "float32"
+    _, reloaded = retool.load_model(tmp_path / "ours")
+    prompt = "What is 123456 * 789?\n<code>\n```python\nprint(123456 * 789)\n```\n</code>"
+    assert reloaded.encode(prompt) == data.builtin_tokenizer().encode(prompt)  # the very same token stream
     assert not list(tmp_path.glob("ours.tmp*")), "the temporary directory is renamed, never left behind"
 
 
