@@ -110,9 +110,10 @@ def test_evaluate_with_real_sandbox_counts_calls():
                              progress=False)
     m = res["metrics"]
     assert len(trajs) == 4 and m["samples"] == 4
-    assert all(len(t.tool_calls) >= 1 and all(c.status for c in t.tool_calls) for t in trajs)
-    assert m["code_ratio"] == 1.0
-    assert m["calls_per_response"] == pytest.approx(sum(len(t.tool_calls) for t in trajs) / 4)
+    assert all(len(t.tool_calls) == 2 and t.finish_reason == "max_tool_calls" for t in trajs)
+    assert all(c.status and c.feedback for t in trajs for c in t.tool_calls)  # the sandbox answered
+    assert m["code_ratio"] == 1.0 and m["calls_per_response"] == 2.0
+    assert m["finish_reasons"] == {"max_tool_calls": 4}
     statuses = [c.status for t in trajs for c in t.tool_calls]
     assert m["code_pass_rate"] == pytest.approx(statuses.count("ok") / len(statuses))
     assert m["avg@k"] == 0.0
