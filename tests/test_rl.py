@@ -1,0 +1,236 @@
+"""RL stage: GAE across interpreter spans, GRPO groups, loss normalisation, PPO direction, masked
+gradients, whole steps with the real sandbox, resume, and 2 gloo ranks against 1 process."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _rl import (Critic, add_advantages, gae, group_advantages, minibatch_backward, rl_args, rl_main,
+                 rl_step, rollout, rollout_metrics, score, timed)
+from _sft import make_optimizer
+from data import builtin_problems, builtin_tokenizer
+from retool import build_model, save_model
+from sandbox import Sandbox
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": True}
+
+
+def small(prompts=2, mini_batches=1):
+    return ["--prompts", str(prompts), "--rollouts", "2", "--mini-batches", str(mini_batches), "--micro-batch",
+            "4", "--max-new-tokens", "24", "--critic-warmup", "1", "--lr", "1e-3", "--critic-lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return builtin_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(build_model({**TINY, "vocab_size": len(tok)}, 0), tok, path)
+    return str(path)
+
+
+def fake_records(rewards, vocab, seed=0):
+    """Random prompt + response ids; each response has an interpreter span (mask 0) in the middle."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in rewards:
+        p, n = int(torch.randint(3, 7, (1,), generator=g)), int(torch.randint(9, 16, (1,), generator=g))
+        mask = torch.zeros(p + n - 1)
+        mask[p - 1:] = 1
+        mask[p + 2:p + 5] = 0
+        out.append(dict(ids=torch.randint(0, vocab, (p + n,), generator=g), mask=mask,
+                        eng=torch.zeros(p + n - 1), stats=dict(reward=float(r))))
+    return out
+
+
+def test_gae_steps_over_an_interpreter_span():
+    # row 0: sampled, sampled, interpreter x2, sampled, sampled (reward 1 on the last token)
+    # row 1: the same without the span, then padding: the span must change nothing
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, -0.3, 0.1], [0.5, 0.2, -0.3, 0.1, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 0, 0]])
+    rewards = torch.zeros(2, 6)
+    rewards[0, 5] = rewards[1, 3] = 1.0
+    adv, ret = gae(rewards, values, mask)  # gamma = lambda = 1: A_t = R - V_t
+    assert torch.allclose(adv[0], torch.tensor([0.5, 0.8, 0, 0, 1.3, 0.9]))
+    assert torch.allclose(ret[0], torch.tensor([1.0, 1, 0, 0, 1, 1]))
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # by hand over the sampled tokens only: deltas 0.9, 0.39, -0.47, -0.32, each A = delta + 0.45 A_next
+    want = torch.tensor([-0.3705125, -0.11225, 0.795, 0.9])
+    assert torch.allclose(adv[0, [0, 1, 4, 5]], want) and torch.allclose(adv[1, :4], want)
+    assert (adv[0, 2:4] == 0).all() and (adv[1, 4:] == 0).all()
+    assert torch.allclose(ret[0, [0, 1, 4, 5]], want + values[0, [0, 1, 4, 5]])
+
+
+def test_grpo_groups_and_all_equal_groups():
+    r = torch.tensor([1.0, 1, 1, 1, -1, -1, -1, -1, 1, -1, -1, -1])
+    a = group_advantages(r, 4)
+    assert torch.equal(a[:8], torch.zeros(8)) and not a.isnan().any()
+    assert torch.allclose(a[8:], torch.tensor([1.5, -0.5, -0.5, -0.5]) / math.sqrt(0.75), atol=1e-5)
+    assert torch.allclose(group_advantages(r, 4, std=False)[8:], torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    assert torch.equal(group_advantages(torch.tensor([1.0, -1.0]), 1), torch.zeros(2))  # n = 1
+
+
+def models(tok, seed=0):
+    torch.manual_seed(seed)
+    policy = build_model({**TINY, "vocab_size": len(tok)}, seed)
+    critic = Critic(policy)
+    torch.nn.init.normal_(critic.head.weight, std=0.1)  # non-zero values exercise the value loss
+    return policy, critic
+
+
+def grads(*ms):
+    return [p.grad.clone() for m in ms for p in m.parameters() if p.grad is not None]
+
+
+def test_loss_is_a_global_token_mean_however_micro_batched(ckpt, tok):
+    policy, critic = models(tok)
+    records = fake_records([1, -1, 1, 1, -1], len(tok))
+    runs = []
+    for micro in (5, 1, 2):
+        a = rl_args(["--model", ckpt, "--micro-batch", str(micro), "--rollouts", "5"])
+        score(records, policy, critic, None, a, torch.device("cpu"))
+        add_advantages(records, a)
+        for rec in records:  # a policy that moved since the rollouts: ratios off 1, some clipped
+            rec["old"] = rec["old"] + 0.3 * torch.randn(len(rec["old"]), generator=torch.Generator().manual_seed(1))
+        n_tokens = sum(r["mask"].sum().item() for r in records)
+        policy.zero_grad(), critic.zero_grad()
+        stats = minibatch_backward(records, policy, critic, a, torch.device("cpu"), n_tokens)
+        runs.append((stats, grads(policy, critic)))
+    for stats, g in runs[1:]:
+        assert stats == pytest.approx(runs[0][0], rel=1e-5)
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g, runs[0][1]))
+    assert runs[0][0]["clipped"] > 0 and runs[0][0]["value_loss"] > 0
+
+
+def seq_logprob(policy, rec):
+    ids = rec["ids"][None]
+    lp = torch.log_softmax(policy(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return (lp * rec["mask"]).sum().item()
+
+
+def test_ppo_step_moves_logprobs_with_the_reward(ckpt, tok):
+    policy, critic = models(tok)
+    records = fake_records([1, -1], len(tok), seed=3)
+    a = rl_args(["--model", ckpt, "--rollouts", "2", "--mini-batches", "1", "--critic-warmup", "0"])
+    before = [seq_logprob(policy, r) for r in records]
+    opt, copt = make_optimizer(policy, 1e-3, 0.0), make_optimizer(critic, 1e-3, 0.0)
+    stats = rl_step(0, records, policy, critic, None, opt, copt, a, torch.device("cpu"))
+    after = [seq_logprob(policy, r) for r in records]
+    assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
+    assert stats["approx_kl"] == pytest.approx(0, abs=1e-9) and stats["clip_frac"] == 0  # first epoch: ratio 1
+
+
+def test_interpreter_positions_get_exactly_zero_gradient(ckpt, tok):
+    policy, critic = models(tok)
+    ref = build_model({**TINY, "vocab_size": len(tok)}, 1)
+    records = fake_records([1, -1, 1], len(tok))
+    a = rl_args(["--model", ckpt, "--rollouts", "3", "--kl-coef", "0.5"])
+    score(records, policy, critic, ref, a, torch.device("cpu"))
+    add_advantages(records, a)
+    seen = []
+
+    def hook(module, inputs, out):  # keep the logits / values and their gradients
+        out.retain_grad()
+        seen.append(out)
+    policy.lm_head.register_forward_hook(hook), critic.head.register_forward_hook(hook)
+    minibatch_backward(records, policy, critic, a, torch.device("cpu"), 1.0)
+    (logits, values), L = seen, max(len(r["ids"]) for r in records)
+    mask = torch.stack([torch.nn.functional.pad(r["mask"], (0, L - 1 - len(r["mask"]))) for r in records])
+    for out in (logits, values):
+        g = out.grad[:, :-1].abs().sum(-1)  # (B, L-1)
+        assert (g[mask == 0] == 0).all() and (g[mask == 1] > 0).all()
+
+
+def test_step_with_the_real_sandbox_and_tool_calls(ckpt, tok):
+    """A tiny model biased towards writing <code> ... </code> and EOS, so that its rollouts call the
+    real sandbox; metrics must be finite and consistent with each other."""
+    policy, critic = models(tok)
+    head = torch.nn.Linear(64, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(policy.embed_tokens.weight)
+        head.bias.zero_()
+        for t, b in (("<code>", 4.0), ("</code>", 4.0), ("<|im_end|>", 2.5)):
+            head.bias[tok.convert_tokens_to_ids(t)] = b
+    policy.lm_head = head
+    critic = Critic(policy)
+    args = rl_args(["--model", ckpt, "--rollouts", "4", "--max-new-tokens", "40", "--micro-batch", "8",
+                    "--mini-batches", "1", "--critic-warmup", "0", "--max-tool-calls", "2"])
+    jobs = list(enumerate(builtin_problems("train", 2)))
+    timer = {"sandbox": 0.0}
+    with Sandbox(timeout=2.0) as sb:
+        records = rollout(policy, tok, jobs, args, timed(sb.run_many, timer), step=0)
+    opt, copt = make_optimizer(policy, 1e-4, 0.0), make_optimizer(critic, 1e-4, 0.0)
+    m = rl_step(0, records, policy, critic, None, opt, copt, args, torch.device("cpu"))
+    m.update(rollout_metrics(records, torch.device("cpu")))
+    assert len(records) == 8 and m["tool_calls"] > 0 and timer["sandbox"] > 0
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["accuracy"] == pytest.approx((m["reward"] + 1) / 2)
+    assert 0 < m["code_ratio"] <= 1 and m["tool_calls"] >= m["code_ratio"] and 0 <= m["code_pass"] <= 1
+    assert 0 <= m["first_call"] < 1 and m["entropy"] > 0 and m["logprob_diff"] < 1e-4
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rl_main_end_to_end_and_bit_identical_resume(ckpt, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert rl_main(["--model", ckpt, "--out", str(whole), "--steps", "2", *small()]) == 0
+    m = metrics(whole)
+    assert [r["step"] for r in m] == [1, 2] and "loss" not in m[0] and "loss" in m[1]  # critic warm-up
+    assert all(math.isfinite(v) for r in m for v in r.values())
+    assert {"reward", "accuracy", "code_ratio", "clip_frac", "approx_kl", "entropy", "value_loss",
+            "explained_var", "grad_norm", "time_gen", "time_sandbox", "time_train", "logprob_diff"} <= set(m[1])
+    assert (whole / "model.safetensors").is_file() and (whole / "config.json").is_file()
+    assert rl_main(["--model", ckpt, "--out", str(split), "--steps", "1", *small()]) == 0
+    assert rl_main(["--model", ckpt, "--out", str(split), "--steps", "2", "--resume", *small()]) == 0
+    a, b = load_file(whole / "model.safetensors"), load_file(split / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("time_gen", "time_sandbox", "time_train")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(split)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in m]
+
+
+def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
+    script = tmp_path / "rl_entry.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                      "from _rl import rl_main\nsys.exit(rl_main(sys.argv[1:]))\n")
+    args = ["--model", ckpt, "--steps", "2", *small(prompts=4, mini_batches=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          "2", str(script), *args, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert rl_main([*args, "--out", str(tmp_path / "one")]) == 0
+    for r1, r2 in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for k in r1:
+            if not k.startswith("time_"):
+                assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--algo", "dqn"], "--algo"), (["--prompts", "3"], "--prompts 3"), (["--steps", "0"], "--steps"),
+    (["--data", "/nonexistent.jsonl"], "/nonexistent.jsonl")])
+def test_user_mistakes_exit_2_with_one_line(ckpt, argv, needle, capsys):
+    assert rl_main(["--model", ckpt, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_missing_sft_checkpoint_says_run_sft_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert rl_main([]) == 2
+    assert "--stage sft" in capsys.readouterr().err
