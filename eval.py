@@ -173,12 +173,13 @@ def run_one(model_dir: Path, args, problems, data_name: str) -> dict:
     out = Path(args.out) if args.out and not args.compare else \
         Path(args.out or "out/eval") / f"{model_dir.name}-{data_name}{'-notools' if args.no_tools else ''}"
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed")}
+    settings = {k: getattr(args, k)
+                for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed")}
     results = {"model": str(model_dir), "data": data_name, "tools": not args.no_tools, **settings,
                "metrics": res["metrics"], "per_problem": [
                    dict(problem=p.problem, **r) for p, r in zip(problems, res["per_problem"])]}
     _write_atomic(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    _write_atomic(out / "results.md", markdown_table([(model_dir.name, results)]) + "\n")
+    _write_atomic(out / "results.md", markdown_table([(str(model_dir), results)]) + "\n")
     _write_atomic(out / "samples.jsonl", "".join(json.dumps(
         {"problem": i // args.k, "sample": i % args.k, "answer": extract_answer(t.text), "correct": c,
          "finish_reason": t.finish_reason, "tool_calls": len(t.tool_calls), "text": t.text},
@@ -189,6 +190,8 @@ def run_one(model_dir: Path, args, problems, data_name: str) -> dict:
 
 def plot(metrics_path: Path) -> Path:
     """Training curves from a metrics.jsonl (one JSON object per step) -> a PNG beside it."""
+    if not metrics_path.is_file():
+        raise EvalError(f"--plot {metrics_path}: no such file")
     try:
         import matplotlib
     except ImportError:
@@ -196,24 +199,26 @@ def plot(metrics_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not metrics_path.is_file():
-        raise EvalError(f"--plot {metrics_path}: no such file")
     rows = []
     for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
         try:
-            rows.append(json.loads(line)) if line.strip() else None
+            rows.append(json.loads(line) if line.strip() else {})
         except json.JSONDecodeError:
-            raise EvalError(f"{metrics_path}:{n}: not a JSON object") from None
+            rows.append(None)
+        if not isinstance(rows[-1], dict):
+            raise EvalError(f"{metrics_path}:{n}: not a JSON object")
     # each panel: the first key present (the RL logger's names, then common alternatives)
     panels = [("reward / accuracy", ("reward", "accuracy", "acc")), ("code ratio", ("code_ratio",)),
               ("response length", ("response_len", "response_length")),
               ("code pass rate", ("code_pass", "code_pass_rate"))]
-    found = [(title, next((key for key in keys if any(key in r for r in rows)), None)) for title, keys in panels]
-    if not rows or not any(key for _, key in found):
+    found = [(title, next((key for key in keys if any(key in r for r in rows)), None))
+             for title, keys in panels]
+    if not any(key for _, key in found):
         raise EvalError(f"{metrics_path}: no reward/code_ratio/response_length/code_pass_rate columns")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     for ax, (title, key) in zip(axes, found):
-        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
+               if isinstance(r.get(key), (int, float))]
         if pts:
             ax.plot(*zip(*pts))
         ax.set_title(f"{title} ({key})" if key else f"{title} (not logged)")
@@ -274,8 +279,8 @@ def main(argv=None):
         problems = problems[:args.limit] if args.limit else problems
         if not problems:
             raise EvalError(f"--data {args.data}: no problems")
-        models = [Path(d) for d in args.compare] if args.compare else [Path(args.model) if args.model else newest_checkpoint()]
-        rows = [(str(d), run_one(d, args, problems, data_name)) for d in models]
+        models = args.compare or [args.model or newest_checkpoint()]
+        rows = [(str(d), run_one(Path(d), args, problems, data_name)) for d in models]
     except (EvalError, DataError, ModelError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

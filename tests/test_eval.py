@@ -172,7 +172,7 @@ def test_user_mistakes_exit_2_with_one_line(argv, needle, capsys, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert ev.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and (needle in err or "matplotlib" in err)
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith("eval.py: error:")
 
 
 @pytest.mark.parametrize("argv", [["--k", "0"], ["--top-p", "0"], ["--model", "a", "--compare", "b"],
@@ -193,6 +193,9 @@ def test_plot_training_curves(tmp_path, capsys):
         assert rc == 0 and (tmp_path / "metrics.png").stat().st_size > 1000
     else:
         assert rc == 2 and "pip install matplotlib" in capsys.readouterr().err
+    metrics.write_text('{"step": 0, "reward": 1}\nnot json\n')
+    assert ev.main(["--plot", str(metrics)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_aime24_loads_and_grades():
