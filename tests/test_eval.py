@@ -66,7 +66,8 @@ def traj(text, n_tokens, statuses=()):
 
 def test_metrics_on_hand_made_trajectories():
     trajs = [  # problem 0 (gold 33): 2 of 3 right; problem 1 (gold 1/2): 0 of 3 right, majority wrong
-        traj("so \\boxed{033}", 10, ["ok"]), traj("\\boxed{34}", 20), traj("\\boxed{33}.", 30, ["ok", "error"]),
+        traj("so \\boxed{033}", 10, ["ok"]), traj("\\boxed{34}", 20),
+        traj("\\boxed{33}.", 30, ["ok", "error"]),
         traj("\\boxed{0.4}", 40, ["timeout"]), traj("no box", 50), traj("\\boxed{2/5}", 60)]
     res = ev.compute_metrics(trajs, ["33", "\\frac{1}{2}"])
     m = res["metrics"]
