@@ -33,8 +33,10 @@ TINY_CONFIG = {
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
 }
 # Its training defaults: small batches and many optimizer steps learn digit copying soonest.
-TINY_TRAIN = {"n_traces": 20000, "code_share": 0.9, "steps": 2000, "batch": 8, "pack_len": 256,
+TINY_TRAIN = {"n_traces": 20000, "code_share": 0.8, "steps": 1200, "batch": 8, "pack_len": 256,
               "lr": 2e-3}
+# Fine-tuning a real checkpoint: the paper's recipe as reproduced in verl (lr 1e-5, 2 epochs).
+REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -226,17 +228,13 @@ def batch_indices(n_rows, batch, step, seed):
 # --- checkpoints and metrics -------------------------------------------------------------------
 
 def _rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
+    torch.set_rng_state(state["torch"]), np.random.set_state(state["numpy"]), random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -335,48 +333,44 @@ class _Parser(argparse.ArgumentParser):
 
 def sft_args(argv):
     p = _Parser(prog="retool.py --stage sft", description="Cold-start SFT on code-interleaved traces. "
-                "Without --model/--data: the tiny preset on built-in traces, on CPU, in minutes.")
-    p.add_argument("--model", help="HF checkpoint dir to fine-tune (default: a fresh tiny model)")
-    p.add_argument("--data", help="SFT rows, .jsonl/.json/.parquet (default: built-in traces)")
-    p.add_argument("--out", default="out/sft", help="final model, metrics.jsonl, checkpoints/")
-    p.add_argument("--n-traces", type=int, default=TINY_TRAIN["n_traces"], help="built-in traces")
-    p.add_argument("--code-share", type=float, default=TINY_TRAIN["code_share"],
-                   help="share of built-in traces that solve with code")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=float, help="passes over the data (default 2; tiny preset: "
-                   f"{TINY_TRAIN['steps']} steps)")
-    p.add_argument("--batch", type=int, help="packed rows per optimizer step, all ranks together "
-                   f"(default 32; tiny preset {TINY_TRAIN['batch']})")
-    p.add_argument("--micro-batch", type=int, help="rows per forward per rank (default: --batch / ranks)")
-    p.add_argument("--pack-len", type=int, help=f"tokens per packed row (default 4096; tiny preset "
-                   f"{TINY_TRAIN['pack_len']})")
-    p.add_argument("--lr", type=float, help=f"peak lr (default 1e-5; tiny preset {TINY_TRAIN['lr']})")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps warming up")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--heldout", type=int, default=64, help="documents held out for the eval loss")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between held-out losses")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+                "Without --model: the tiny preset on built-in traces, on CPU, in minutes.")
+    for flag, kind, default, text in (
+        ("model", str, None, "HF checkpoint dir to fine-tune (default: a fresh tiny model)"),
+        ("data", str, None, "SFT rows, .jsonl/.json/.parquet (default: built-in traces)"),
+        ("out", str, "out/sft", "final model, metrics.jsonl, checkpoints/"),
+        ("n-traces", int, TINY_TRAIN["n_traces"], "built-in traces to generate"),
+        ("code-share", float, TINY_TRAIN["code_share"], "share of built-in traces that use code"),
+        ("steps", int, None, f"optimizer steps (default: --epochs; tiny preset {TINY_TRAIN['steps']})"),
+        ("epochs", float, None, f"passes over the data (default {REAL_TRAIN['epochs']})"),
+        ("batch", int, None, "packed rows per optimizer step, all ranks together"),
+        ("micro-batch", int, None, "rows per forward on each rank (default: --batch / ranks)"),
+        ("pack-len", int, None, "tokens per packed row"),
+        ("lr", float, None, f"peak lr (default {REAL_TRAIN['lr']}; tiny preset {TINY_TRAIN['lr']})"),
+        ("min-lr-ratio", float, 0.1, "final lr / peak lr (cosine)"),
+        ("warmup", float, 0.1, "share of the steps spent warming up"),
+        ("weight-decay", float, 0.1, "AdamW weight decay on matrices"),
+        ("clip", float, 1.0, "gradient-norm clip"),
+        ("heldout", int, 64, "documents held out for the eval loss (at most a tenth)"),
+        ("eval-every", int, 100, "steps between held-out losses"),
+        ("save-every", int, 500, "steps between checkpoints"),
+        ("stop-after", int, None, "stop after this many steps of this run, checkpointed (--resume goes on)"),
+        ("seed", int, 0, "")):
+        p.add_argument("--" + flag, type=kind, default=default, help=text)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps of this run, with a "
-                   "checkpoint (continue with --resume)")
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    tiny = a.model is None
-    a.batch = a.batch or (TINY_TRAIN["batch"] if tiny else 32)
-    a.pack_len = a.pack_len or (TINY_TRAIN["pack_len"] if tiny else 4096)
-    a.lr = a.lr or (TINY_TRAIN["lr"] if tiny else 1e-5)
-    if a.steps is None and a.epochs is None:
-        a.steps, a.epochs = (TINY_TRAIN["steps"], None) if tiny and a.data is None else (None, 2.0)
-    for flag in ("n_traces", "steps", "epochs", "batch", "micro_batch", "pack_len", "lr", "eval_every",
-                 "save_every", "stop_after"):
-        if getattr(a, flag) is not None and getattr(a, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
+    for k, v in (TINY_TRAIN if a.model is None else REAL_TRAIN).items():
+        if getattr(a, k, 0) is None and not (k == "steps" and a.epochs):
+            setattr(a, k, v)
+    for k in ("n_traces", "steps", "epochs", "batch", "micro_batch", "pack_len", "lr", "eval_every",
+              "save_every", "stop_after"):
+        if getattr(a, k) is not None and getattr(a, k) <= 0:
+            raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(a, k)}")
     if not 0 <= a.code_share <= 1 or not 0 <= a.warmup < 1 or a.heldout < 0:
         raise UsageError("--code-share must lie in [0, 1], --warmup in [0, 1), --heldout >= 0")
     if a.model is not None and not os.path.isfile(os.path.join(a.model, "config.json")):
         raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UsageError(f"--out {a.out}: not a directory")
     if a.data is not None and not os.path.isfile(a.data):
         raise UsageError(f"--data {a.data}: no such file")
     return a
@@ -432,7 +426,10 @@ def _sft_run(a):
         ckpt = latest_checkpoint(a.out)
         if ckpt is None:
             raise UsageError(f"--resume: no checkpoint under {os.path.join(a.out, 'checkpoints')}")
-        start = load_checkpoint(ckpt, model, opt, sched)["step"]
+        state = load_checkpoint(ckpt, model, opt, sched)
+        if state["extra"].get("n_rows") != n_rows:
+            raise UsageError(f"--resume: {ckpt} was trained on other data ({state['extra'].get('n_rows')} rows)")
+        start = state["step"]
     elif rank == 0:  # a fresh run: stale checkpoints would confuse a later --resume
         shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):

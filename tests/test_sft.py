@@ -16,7 +16,8 @@ from retool import build_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
+        "tie_word_embeddings": True}
 
 
 def tiny_model(vocab=50, seed=0):
@@ -45,7 +46,7 @@ def ckpt(tmp_path_factory):
 
 def run_args(ckpt, out, *extra):
     return ["--model", ckpt, "--out", str(out), "--n-traces", "120", "--heldout", "8", "--batch", "4",
-            "--pack-len", "320", "--lr", "3e-3", "--steps", "6", "--eval-every", "3", *extra]
+            "--pack-len", "256", "--lr", "3e-3", "--steps", "6", "--eval-every", "3", *extra]
 
 
 def metrics(out):
@@ -156,3 +157,5 @@ def test_bad_data_file_and_missing_checkpoint_exit_2(ckpt, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "bad.jsonl" in err
     assert sft_main(run_args(ckpt, tmp_path / "empty", "--resume")) == 2
     assert "--resume" in capsys.readouterr().err
+    assert sft_main(["--out", str(bad)]) == 2
+    assert "--out" in capsys.readouterr().err
