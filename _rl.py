@@ -5,10 +5,8 @@
 # advantages; PPO epochs over mini-batches. Interpreter tokens (loss mask 0) are context only:
 # they never enter the policy loss, value loss, KL or entropy.
 # ---------------------------------------------------------------------------------------------
-import argparse
 import contextlib
 import copy
-import json
 import os
 import shutil
 import sys
@@ -18,7 +16,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -94,7 +91,7 @@ def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, dual_cl
     loss = torch.maximum(l1, l2)
     # dual clip: a negative advantage times a runaway ratio would otherwise be unbounded
     loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
-    clipped = m & ((l2 > l1) | ((adv < 0) & (loss < torch.maximum(l1, l2))))
+    clipped = m & (loss != l1)  # the clip or the dual clip decided
     return torch.where(m, loss, torch.zeros_like(loss)), clipped
 
 
@@ -135,17 +132,21 @@ class Critic(nn.Module):
 # ----------------------------------------------------------------------------- rollouts
 
 def timed(tool, timer):
-    """The tool, with its wall time added to timer["sandbox"] (the engine runs it in threads,
-    overlapping decoding; it already turns a tool failure of any kind into that call's feedback)."""
-    lock = threading.Lock()
+    """The tool, adding to timer["sandbox"] the wall time during which at least one call runs (the
+    engine runs calls in threads, overlapping decoding and each other; it already turns a tool
+    failure of any kind into that call's feedback)."""
+    lock, busy = threading.Lock(), {"n": 0, "since": 0.0}
 
     def run(codes):
-        t0 = time.perf_counter()
+        with lock:
+            busy["n"] += 1
+            busy["since"] = time.perf_counter() if busy["n"] == 1 else busy["since"]
         try:
             return tool(codes)
         finally:
             with lock:
-                timer["sandbox"] += time.perf_counter() - t0
+                busy["n"] -= 1
+                timer["sandbox"] += time.perf_counter() - busy["since"] if busy["n"] == 0 else 0.0
     return run
 
 
@@ -322,34 +323,22 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     updates = args.ppo_epochs * args.mini_batches
     # the per-mini-batch sums are already global token-means of this rank's part: sum over ranks
     out = dict(zip(keys, reduce([acc[k] for k in keys[:5]], device) + [acc[k] for k in keys[5:]]))
-    out = {k: v / updates for k, v in out.items()}
     out["clip_frac"] = out.pop("clipped")
-    if ref is None:
-        out.pop("ref_kl")
-    if not train_policy:
-        for k in ("loss", "clip_frac", "approx_kl", "ref_kl", "grad_norm"):
-            out.pop(k, None)
-    if critic is None:
-        for k in ("value_loss", "critic_grad_norm"):
-            out.pop(k, None)
-    return out
+    drop = ({"ref_kl"} if ref is None else set()) | ({"value_loss", "critic_grad_norm"} if critic is None else set())
+    drop |= set() if train_policy else {"loss", "clip_frac", "approx_kl", "ref_kl", "grad_norm"}
+    return {k: v / updates for k, v in out.items() if k not in drop}
 
 
 def rollout_metrics(records, device):
     """The paper's analysis figures over this step's rollouts, all ranks together."""
     s = [r["stats"] for r in records]
-    m = [r["mask"] for r in records]
-    toks = sum(x.sum().item() for x in m)
-    sums = reduce([len(s), sum(x["reward"] for x in s), sum(x["reward"] > 0 for x in s),
-                   sum(x["length"] for x in s), sum(x["code"] for x in s), sum(x["calls"] for x in s),
-                   sum(x["code_lines"] for x in s), sum(x["calls_ok"] for x in s),
-                   sum(x["first_call"] for x in s), toks,
-                   sum((r["ent"] * r["mask"]).sum().item() for r in records),
-                   *[sum(f(r).item() for r in records) for f in (
-                       lambda r: (r["ret"] * r["mask"]).sum(), lambda r: (r["ret"] ** 2 * r["mask"]).sum(),
-                       lambda r: ((r["ret"] - r["val"]) * r["mask"]).sum(),
-                       lambda r: ((r["ret"] - r["val"]) ** 2 * r["mask"]).sum())]], device)
-    n, rew, acc, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = sums
+    per_traj = [sum(x[k] for x in s) for k in ("reward", "length", "code", "calls", "code_lines", "calls_ok",
+                                                "first_call")]
+    per_token = [sum((f(r) * r["mask"]).sum().item() for r in records) for f in (
+        lambda r: 1, lambda r: r["ent"], lambda r: r["ret"], lambda r: r["ret"] ** 2,
+        lambda r: r["ret"] - r["val"], lambda r: (r["ret"] - r["val"]) ** 2)]
+    n, acc, rew, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = reduce(
+        [len(s), sum(x["reward"] > 0 for x in s), *per_traj, *per_token], device)
     diff = max([((r["old"] - r["eng"]).abs() * r["mask"]).max().item() for r in records] or [0.0])
     var_ret, var_err = r2 / toks - (r1 / toks) ** 2, e2 / toks - (e1 / toks) ** 2
     return dict(reward=rew / n, accuracy=acc / n, response_len=length / n, code_ratio=code / n,
@@ -376,19 +365,15 @@ def rl_args(argv):
                              ("mini-batches", int, "mini_batches"), ("micro-batch", int, "micro_batch")):
         p.add_argument(f"--{flag}", type=kind, dest=dest, help="default: " + ", ".join(
             f"{k} preset {v[dest]}" for k, v in RL_PRESETS.items()))
-    p.add_argument("--ppo-epochs", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0, help="<1 makes the engine's and the trainer's "
-                   "log-probs differ (the trainer does not filter)")
-    p.add_argument("--max-tool-calls", type=int, default=8)
-    p.add_argument("--clip-low", type=float, default=0.2)
-    p.add_argument("--clip-high", type=float, default=0.28)
-    p.add_argument("--dual-clip", type=float, default=10.0, help="cap on the loss of negative advantages")
-    p.add_argument("--value-clip", type=float, default=0.5)
-    p.add_argument("--kl-coef", type=float, default=0.0, help="k3 penalty against the frozen start model")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--train-problems", type=int, default=4000, help="built-in RL prompts")
-    p.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
+    for flag, default, text in (
+            ("ppo-epochs", 1, "passes over each step's rollouts"), ("temperature", 1.0, "rollout temperature"),
+            ("top-p", 1.0, "rollout top-p; below 1 the engine's log-probs differ from the trainer's"),
+            ("max-tool-calls", 8, "interpreter calls per rollout"), ("clip-low", 0.2, "ratio clip below 1"),
+            ("clip-high", 0.28, "ratio clip above 1"), ("dual-clip", 10.0, "loss cap for negative advantages"),
+            ("value-clip", 0.5, "value clip around the old values"), ("grad-clip", 1.0, "gradient-norm clip"),
+            ("kl-coef", 0.0, "k3 KL penalty against the frozen start model (0: none)"),
+            ("train-problems", 4000, "built-in RL prompts"), ("save-every", 10, "steps between checkpoints")):
+        p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
