@@ -140,7 +140,7 @@ def test_hostile_battery(sb, tmp_path):
         "stdout flood": ("while True: print('x' * 1000)", "killed"),
         "stderr flood": ("import sys\nwhile True: sys.stderr.write('y' * 1000)", "killed"),
         "both streams flood": ("import sys\nwhile True:\n    sys.stdout.write('x' * 999)\n    sys.stderr.write('y' * 999)", "killed"),
-        "environment secret": ("import os\nprint(dict(os.environ))\nprint(open('/proc/1/environ', 'rb').read())", "ok"),
+        "environment secret": ("import os\nprint(dict(os.environ))\nprint(open('/proc/self/environ', 'rb').read())", "ok"),
         "parent's environ": (f"print(open('/proc/{os.getpid()}/environ').read())", "error"),
         "secret file": (f"print(open({str(secret_file)!r}).read())", "error"),
         "shadow": ("print(open('/etc/shadow').read())", "error"),
