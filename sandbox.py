@@ -1,30 +1,20 @@
 """A fast, really isolating code interpreter for ReTool rollouts (standard library only).
 
-`Sandbox()` starts a warm *zygote*: a fresh interpreter with a fixed, secret-free environment that
-imports the math stack once (BLAS/OpenMP threads pinned to 1 first, so it forks single-threaded),
-disables SysV/POSIX-mqueue IPC in its own IPC namespace, makes the whole filesystem read-only and
-nosuid in its own mount namespace, probes what the kernel grants, then forks one *worker* per slot.
-A worker has its own network namespace (no interface up: no network, not even loopback), a
-private tmpfs /tmp (also /dev/shm) owned by its own uid and wiped after each snippet, and a /proc
-that shows a snippet nothing but its own processes. Per snippet it forks a child (~2 ms, against
-~0.5-1 s for a fresh interpreter) that becomes init of a new PID namespace (when it ends or is
-killed, every descendant dies, setsid or not), takes a new session (no controlling tty), rlimits
-(address space, CPU, file size, open files, processes, no core), drops to the worker's uid,
-sets no_new_privs and SIGKILL-on-parent-death. The worker drains stdout and stderr at once, keeps
-head and tail, kills past the wall clock or a byte ceiling, and reaps. `Sandbox.isolation` says
-which protections are active; a refused one warns once and the rest carry on.
+A warm zygote (fresh interpreter, fixed secret-free env, math stack imported with BLAS threads at 1,
+SysV IPC disabled, whole filesystem read-only) forks one worker per slot; a worker (own network
+namespace with no interface up, own tmpfs /tmp wiped after each snippet, /proc hiding others)
+forks per snippet a child that is init of a new PID namespace (its whole tree dies with it), in a
+new session, under rlimits, as the worker's own uid, no_new_privs, SIGKILL on parent death.
+`Sandbox.isolation` reports what the kernel granted; a refusal warns once.
 
-Result.feedback, what the model reads inside <interpreter>, at most about `max_output` characters
-(head and tail kept, a marker between): ok -> stdout; error (memory when it is a MemoryError) ->
-stdout so far + the last line of stderr, i.e. the exception; timeout -> stdout so far + "Timeout
-Error: ..."; killed -> stdout so far + "Killed: ..." (a signal, or the output ceiling);
-internal -> "Sandbox error: ..." (the machinery failed, not the snippet; run() never raises).
-
-`sb.session()` is stateful: a holder process keeps the globals, each cell runs in a fork of it; a
-cell that succeeds becomes the holder, one that fails, times out or crashes dies and the previous
-holder carries on with the old state. Files in /tmp are not rolled back.
+Result.feedback, what the model reads in <interpreter> (~max_output chars, head and tail kept):
+ok: stdout | error (memory for a MemoryError): stdout so far + the last stderr line, the exception |
+timeout: stdout so far + "Timeout Error: ..." | killed: stdout so far + "Killed: ..." (a signal or
+the output ceiling) | internal: "Sandbox error: ..." (the machinery failed; run() never raises).
+Sessions: a holder process keeps the state, each cell runs in a fork of it and, if it succeeds,
+becomes the holder; a failed cell just dies (rollback). Files in /tmp are not rolled back.
 """
-import array, ctypes, gc, importlib, json, linecache, os, pickle, queue, re, resource, select  # noqa: E401
+import array, contextlib, ctypes, gc, importlib, json, linecache, os, pickle, queue, re, resource, select  # noqa: E401
 import shutil, signal, socket, struct, subprocess, sys, threading, time, traceback, types, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,16 +23,14 @@ PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "USER": "sandbox", "LANG": "C.UTF-8",
        **dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"), "1")}
 UID_BASE = 1 << 20  # + the worker's pid: a uid per worker, so no NPROC count or signal crosses workers
-NPROC, NOFILE = 128, 256  # per worker uid (threads count); per process
-MARK = "\n[... output truncated ...]\n"
-INTERNAL = 254  # exit code of a child whose confinement failed
+NPROC, NOFILE = 128, 256  # processes+threads per worker uid; open files per process
+MARK, INTERNAL = "\n[... output truncated ...]\n", 254  # INTERNAL: exit code when confinement failed
 ISOLATION = ("new_session", "empty_env", "rlimits", "pid_namespace", "net_namespace", "ipc_namespace",
              "mount_namespace", "uid_drop", "no_new_privs", "parent_death_signal")
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 0x1000, 0x4000, 0x40000
 _libc = ctypes.CDLL(None, use_errno=True)
-_REQ_FD = _NULL = _PIDNS_FD = -1  # set in the zygote and its workers
-_UID = 65534  # nobody for the zygote's probe; each worker has its own
+_REQ, _NULL, _PIDNS_FD, _UID = None, -1, -1, 65534  # set in the zygote / its workers (nobody: the probe)
 
 
 def _check(ret, what):
@@ -61,19 +49,22 @@ def _mount(src, dst, fstype, flags, data=None):
 
 def _step(iso, name, fn, strict):
     """Apply a protection iso says works; the startup probe (strict=False) records refusals instead."""
-    if iso[name]:
-        try:
-            fn()
-        except OSError:
-            if strict:
-                raise
-            iso[name] = False
+    try:
+        iso[name] and fn()
+    except OSError:
+        if strict:
+            raise
+        iso[name] = False
 
 
 def _close(*fds):
     for fd in fds:
         if fd is not None:
             os.close(fd)
+
+
+def _fds(anc):  # file descriptors received with SCM_RIGHTS
+    return [fd for _, kind, data in anc if kind == socket.SCM_RIGHTS for fd in array.array("i", data)]
 
 
 @dataclass
@@ -101,14 +92,12 @@ def _private_ipc():  # zygote: SysV shm/semaphores/queues and mqueues outlive pr
 
 def _prepare_root():
     """Zygote: a private mount namespace, all read-only and nosuid. Python may live in a dir others
-    cannot enter (pyenv under /root, mode 700): mask it with an empty tmpfs, bind Python back in."""
+    cannot enter (pyenv under /root, mode 700): mask it with an empty tmpfs and bind Python back."""
     hidden = {}  # python dir -> its first ancestor others cannot traverse
-    for p in sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, *sys.path) if os.path.isdir(p)}):
+    for p in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
         parts = p.split("/")
-        for a in ("/".join(parts[:i]) for i in range(2, len(parts))):
-            if not os.stat(a).st_mode & 0o001 and not any(p.startswith(q + "/") for q in hidden):
-                hidden[p] = a
-                break
+        if blocked := [a for a in ("/".join(parts[:i]) for i in range(2, len(parts))) if not os.stat(a).st_mode & 1]:
+            hidden[p] = blocked[0]
     _unshare(CLONE_NEWNS)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
     keep = {p: os.open(p, os.O_PATH) for p in hidden}  # opened in the new namespace, before the mask
@@ -123,8 +112,8 @@ def _prepare_root():
 
 
 def _worker_setup(iso, cfg, strict=True):
-    """Worker, once: its network namespace and work dir. It runs one snippet at a time, all of whose
-    processes are dead before the next starts, and wipes the dir in between: nothing carries over."""
+    """Worker, once: network namespace and work dir. Per-snippet ones would cost 6 ms; here they
+    are as good, since a worker runs one snippet at a time, kills its tree and wipes the dir after."""
     _step(iso, "net_namespace", lambda: _unshare(CLONE_NEWNET), strict)
     owner = f",uid={_UID},gid={_UID}" if iso["uid_drop"] else ""
 
@@ -136,9 +125,8 @@ def _worker_setup(iso, cfg, strict=True):
     _step(iso, "mount_namespace", private_tmp, strict)
     if iso["mount_namespace"]:
         return "/tmp"
-    os.mkdir(workdir := f"/tmp/retool-sb-{os.getpid()}", 0o700)  # degraded: a plain dir in the host /tmp
-    if iso["uid_drop"]:
-        os.chown(workdir, _UID, _UID)
+    os.mkdir(workdir := f"/tmp/retool-sb-{os.getpid()}", 0o700)  # degraded: a dir in the host's /tmp
+    iso["uid_drop"] and os.chown(workdir, _UID, _UID)
     return workdir
 
 
@@ -179,42 +167,35 @@ def _execute(code, main):
     if "numpy" in sys.modules:  # a forked RNG would repeat itself in every snippet
         sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
     linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")  # tracebacks show lines
+    rc = 1
     try:
         exec(compile(code, "<code>", "exec"), main.__dict__)
         rc = 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else int(e.code is not None)
-        if not isinstance(e.code, int | None):
-            print(e.code, file=sys.stderr)
+        isinstance(e.code, int | None) or print(e.code, file=sys.stderr)
     except BaseException as e:  # noqa: BLE001 - the snippet's exception is its feedback
-        try:
-            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-        except BaseException:  # noqa: BLE001 - an exception whose __str__ raises
-            print(type(e).__name__, file=sys.stderr)
-        rc = 1
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except BaseException:  # noqa: BLE001, S110
-            pass
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # copes with a failing __str__
+    with contextlib.suppress(BaseException):  # the snippet may have closed or replaced them
+        sys.stdout.flush(), sys.stderr.flush()
     return rc & 0xFF
 
 
 def _hold(sock, main):
-    """Session holder loop. Each cell forks; a cell that succeeds becomes the holder (it has the new
-    state); a failed one exits and its parent carries on with the old. All of this is untrusted:
-    earlier cells ran here. The worker believes only kernel-stamped pids and the pipes."""
+    """Session holder loop. Each cell forks; one that succeeds becomes the holder (it has the new
+    state); a failed one exits and its parent carries on with the old. All of this is untrusted
+    (earlier cells ran here): the worker believes only kernel-stamped pids and the pipes."""
     while True:
         code, anc = sock.recvmsg(1 << 20, socket.CMSG_SPACE(8))[:2]
         if not code:
             os._exit(0)
-        fds = [fd for _, kind, data in anc if kind == socket.SCM_RIGHTS for fd in array.array("i", data)]
+        fds = _fds(anc)
         if (pid := os.fork()) == 0:
             os.dup2(fds[0], 1), os.dup2(fds[1], 2), _close(*fds)
             sock.send(b"pid")  # SO_PASSCRED: the worker learns our real pid, to kill just this cell
             if rc := _execute(code.decode(errors="replace"), main):
                 os._exit(rc)
-            os.dup2(null := os.open(os.devnull, os.O_WRONLY), 1), os.dup2(null, 2), os.close(null)  # worker sees EOF
+            os.dup2(null := os.open(os.devnull, os.O_WRONLY), 1), os.dup2(null, 2), os.close(null)  # pipes: EOF
             ru = resource.getrusage(resource.RUSAGE_SELF)
             sock.send(b"ok 0 %f" % (ru.ru_utime + ru.ru_stime))
             continue
@@ -224,50 +205,30 @@ def _hold(sock, main):
 
 
 # ----------------------------------------------------------------------------- the worker (root, trusted)
-class _Capture:
-    """One output stream: its head and tail; the middle of a flood is dropped as it arrives."""
-
-    def __init__(self, fd, cfg):
-        self.fd, self.keep, self.buf, self.cut = fd, 8 * cfg["max_output"] + 64, bytearray(), 0
-
-    def read(self):
-        self.buf += (data := os.read(self.fd, 1 << 16))
-        if (drop := len(self.buf) - self.keep) > 0:
-            del self.buf[self.keep // 2:self.keep // 2 + drop]
-            self.cut += drop
-        return len(data)
-
-    def text(self, n):
-        h, dec = self.keep // 2, lambda b: b.decode("utf-8", "replace")  # noqa: E731
-        return _cap(dec(self.buf), n) if not self.cut else _cap(dec(self.buf[:h]), n, dec(self.buf[h:]))
-
-
-def _cap(s, n, tail=None):
+def _cap(s, n):
     """First and last n/2 characters with a marker between (the official code keeps 200 + 200)."""
-    if tail is None and len(s) <= n:
-        return s
-    tail = s if tail is None else tail
-    return s[:n // 2] + MARK + tail[len(tail) - n // 2:]
+    return s if len(s) <= n else s[:n // 2] + MARK + s[len(s) - n // 2:]
 
 
-def _watch(caps, events, deadline, on_event, max_bytes):
-    """Drain all pipes at once (a flood on one never blocks the other) until all are at EOF and
-    on_event(fd) said the child is done. Returns None, "timeout" or "output"."""
-    poll, live, total, done = select.poll(), {c.fd: c for c in caps}, 0, False
-    for fd in (*live, *events, _REQ_FD):
+def _watch(bufs, events, deadline, on_event, max_bytes):
+    """Drain all pipes {fd: bytearray} at once (a flood on one never blocks the other) until all are
+    at EOF and on_event(fd) said the child is done. Returns None, "timeout" or "output"."""
+    poll, live, done = select.poll(), dict(bufs), False
+    for fd in (*live, *events, _REQ.fileno()):
         poll.register(fd, select.POLLIN)
     while live or not done:
         if (left := deadline - time.monotonic()) <= 0:
             return "timeout"
         for fd, _ in poll.poll(left * 1000):
-            if fd == _REQ_FD:  # the supervisor is gone: exit, our children die with us (pdeathsig)
+            if fd == _REQ.fileno():  # the supervisor is gone: exit, our children die with us (pdeathsig)
                 os._exit(0)
             if fd not in live:
                 if on_event(fd):
                     done = True
                     poll.unregister(fd)
-            elif n := live[fd].read():
-                if (total := total + n) > max_bytes:
+            elif data := os.read(fd, 1 << 16):
+                live[fd] += data
+                if sum(map(len, bufs.values())) > max_bytes:
                     return "output"
             else:
                 poll.unregister(fd)
@@ -277,8 +238,7 @@ def _watch(caps, events, deadline, on_event, max_bytes):
 
 def _spawn(iso, cfg, workdir, fds, body):
     """Fork a confined child with fds as its stdout, stderr (and fd 3); it runs body()."""
-    if iso["pid_namespace"]:
-        _unshare(CLONE_NEWPID)  # our next child is init of a fresh PID namespace
+    iso["pid_namespace"] and _unshare(CLONE_NEWPID)  # our next child is init of a new PID namespace
     try:
         if (pid := os.fork()) == 0:
             try:
@@ -290,24 +250,21 @@ def _spawn(iso, cfg, workdir, fds, body):
             except BaseException as e:  # noqa: BLE001
                 os.write(2, f"\nSandboxError: confinement failed: {e!r}\n".encode())
             os._exit(INTERNAL)
-    finally:
-        if iso["pid_namespace"]:  # our later forks: back in our own namespace
-            _check(_libc.setns(_PIDNS_FD, CLONE_NEWPID), "setns")
+    finally:  # our later forks: back in our own namespace
+        iso["pid_namespace"] and _check(_libc.setns(_PIDNS_FD, CLONE_NEWPID), "setns")
     return pid
 
 
 def _kill(pid):
     """SIGKILL a child of ours and its group (unreaped, so neither id can have been reused)."""
     for kill in (os.killpg, os.kill):
-        try:
+        with contextlib.suppress(OSError):
             kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
-def _finish(why, code, out, err, wall, cpu, cfg):
-    n = cfg["max_output"]
-    stdout, stderr = out.text(n), err.text(n)
+def _finish(why, code, bufs, wall, cpu, cfg):
+    n, (out, err) = cfg["max_output"], (b.decode("utf-8", "replace") for b in bufs.values())
+    stdout, stderr = _cap(out, n), _cap(err, n)
     last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
     if why == "timeout" or code == -signal.SIGXCPU:
         status, msg = "timeout", f"Timeout Error: the code ran longer than {cfg['timeout']:g} s"
@@ -320,30 +277,28 @@ def _finish(why, code, out, err, wall, cpu, cfg):
     else:
         status = "ok" if code == 0 else "memory" if re.search(r"MemoryError\b", last) else "error"
         msg = "" if code == 0 else last or f"Exit code {code}"
-    feedback = _cap(msg, n // 2)
-    if status == "ok":
-        feedback = stdout
-    elif stdout:
-        feedback = out.text(max(n - len(feedback) - 1, 2)).rstrip("\n") + "\n" + feedback
+    feedback = stdout if status == "ok" else _cap(msg, n // 2)
+    if status != "ok" and stdout:
+        feedback = _cap(out.rstrip("\n"), max(n - len(feedback) - 1, 2)) + "\n" + feedback
     return asdict(Result(status, stdout, stderr, code, round(wall, 4), round(cpu, 4), feedback))
 
 
 def _run(code, iso, cfg, workdir):
     (out_r, out_w), (err_r, err_w), main, t0 = os.pipe(), os.pipe(), types.ModuleType("__main__"), time.monotonic()
-    out, err, pid, pidfd = _Capture(out_r, cfg), _Capture(err_r, cfg), None, None
+    bufs, pid, pidfd = {out_r: bytearray(), err_r: bytearray()}, None, None
     try:
         pid = _spawn(iso, cfg, workdir, (out_w, err_w), lambda: os._exit(_execute(code, main)))
         _close(out_w, err_w)
         out_w = err_w = None
         pidfd = os.pidfd_open(pid)  # readable once the child exited: as pid-ns init, with its whole tree
-        # Without a pid ns, its group goes then; a setsid'ed survivor holding a pipe means timeout.
-        why = _watch([out, err], [pidfd], t0 + cfg["timeout"], lambda fd: _kill(pid) or True, cfg["max_bytes"])
+        # Without a pid ns its group goes then; a setsid'ed survivor holding a pipe means timeout.
+        why = _watch(bufs, [pidfd], t0 + cfg["timeout"], lambda fd: _kill(pid) or True, cfg["max_bytes"])
     finally:
         _close(out_w, err_w, out_r, err_r, pidfd)
         if pid:
             _kill(pid)
             _, status, ru = os.wait4(pid, 0)
-    return _finish(why, os.waitstatus_to_exitcode(status), out, err, time.monotonic() - t0, ru.ru_utime + ru.ru_stime, cfg)
+    return _finish(why, os.waitstatus_to_exitcode(status), bufs, time.monotonic() - t0, ru.ru_utime + ru.ru_stime, cfg)
 
 
 def _cell(sess, code, iso, cfg, workdir):
@@ -363,33 +318,33 @@ def _cell(sess, code, iso, cfg, workdir):
         if not msg:
             raise OSError("the session holder died")
         word, *rest = msg.split()
-        if word == b"pid":  # a sender can only stamp its own pid
-            state["pidfd"] = os.pidfd_open(struct.unpack("3i", [d for _, k, d in anc if k == socket.SCM_CREDENTIALS][0])[0])
+        if word == b"pid":  # a sender can only stamp its own pid; a quick cell may be gone already
+            with contextlib.suppress(ProcessLookupError):
+                state["pidfd"] = os.pidfd_open(struct.unpack("3i", [d for _, k, d in anc if k == socket.SCM_CREDENTIALS][0])[0])
         elif word in state["want"]:
             state["end"] = (int(rest[0]), float(rest[1]))
             return True
 
     (out_r, out_w), (err_r, err_w), t0 = os.pipe(), os.pipe(), time.monotonic()
-    out, err = _Capture(out_r, cfg), _Capture(err_r, cfg)
+    bufs = {out_r: bytearray(), err_r: bytearray()}
     try:
         try:
             sock.sendmsg([code.encode(errors="replace")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out_w, err_w]))])
         finally:
             _close(out_w, err_w)
-        if why := _watch([out, err], [sock.fileno()], t0 + cfg["timeout"], on_msg, cfg["max_bytes"]):
+        if why := _watch(bufs, [sock.fileno()], t0 + cfg["timeout"], on_msg, cfg["max_bytes"]):
             state["want"] = (b"exit",)  # kill just this cell; the holder that forked it reports, carries on
-            if "pidfd" not in state:
-                raise OSError("no cell to kill")
-            signal.pidfd_send_signal(state["pidfd"], signal.SIGKILL)
-            if _watch([], [sock.fileno()], time.monotonic() + 5, on_msg, 0):
+            with contextlib.suppress(KeyError, ProcessLookupError):  # (it may have ended meanwhile)
+                signal.pidfd_send_signal(state["pidfd"], signal.SIGKILL)
+            if _watch({}, [sock.fileno()], time.monotonic() + 5, on_msg, 0):
                 raise OSError("the session holder does not answer")
-    except (OSError, ValueError, IndexError) as e:  # a broken or lying holder: start afresh
+    except (OSError, ValueError, LookupError) as e:  # a broken or lying holder: start afresh
         _end(sess)
-        return None, _internal(f"{e}; the session was reset")
+        return None, _internal(f"{e!r}; the session was reset")
     finally:
         _close(out_r, err_r, state.get("pidfd"))
     rc, cpu = state["end"]
-    return sess, _finish(why, rc, out, err, time.monotonic() - t0, cpu, cfg)
+    return sess, _finish(why, rc, bufs, time.monotonic() - t0, cpu, cfg)
 
 
 def _end(sess):
@@ -398,25 +353,24 @@ def _end(sess):
     os.waitpid(sess[0], 0)
 
 
-def _worker(req_fd, resp_fd, iso, cfg):
+def _worker(req, resp, iso, cfg):
     """Serve one request at a time until the supervisor closes our pipe."""
-    global _REQ_FD, _UID
-    _REQ_FD, _UID, sess = req_fd, UID_BASE + os.getpid(), None
+    global _REQ, _UID
+    _REQ, _UID, sess = req, UID_BASE + os.getpid(), None
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote ignores it; we wait for our children
     workdir = _worker_setup(iso, cfg)
-    while (req := _recv(req_fd)) is not None:
+    while request := _recv(req):
         try:
-            if req[0] == "run":
-                res = _run(req[1], iso, cfg, workdir)
+            if request[0] == "run":
+                res = _run(request[1], iso, cfg, workdir)
                 _wipe(workdir)
             else:
-                sess, res = _cell(sess, req[1], iso, cfg, workdir)
+                sess, res = _cell(sess, request[1], iso, cfg, workdir)
         except Exception as e:  # noqa: BLE001 - e.g. out of pids or fds: report, keep serving
             res = _internal(repr(e))
-        _send(resp_fd, res)
-    if sess:
-        _end(sess)
-    if workdir != "/tmp":
-        shutil.rmtree(workdir, ignore_errors=True)
+        _send(resp, res)
+    sess and _end(sess)
+    workdir == "/tmp" or shutil.rmtree(workdir, ignore_errors=True)
     os._exit(0)
 
 
@@ -449,48 +403,31 @@ def _zygote(cfg, ctl_fd):
         iso = json.loads(f.read())
     os.waitpid(pid, 0)
     shutil.rmtree(f"/tmp/retool-sb-{pid}", ignore_errors=True)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers reap themselves
     gc.freeze()  # forked children then never copy the zygote's objects to collect them
     ctl.send(json.dumps({"isolation": iso, "missing": missing}).encode())
-    while True:
-        msg, anc = ctl.recvmsg(16, socket.CMSG_SPACE(8))[:2]
-        if not msg:
-            os._exit(0)  # the supervisor is gone; each worker sees it on its own pipe
-        fds = [fd for _, kind, data in anc if kind == socket.SCM_RIGHTS for fd in array.array("i", data)]
+    while fds := _fds(ctl.recvmsg(16, socket.CMSG_SPACE(8))[1]):  # none: the supervisor is gone
         if os.fork() == 0:
             ctl.close()
-            _worker(*fds, iso, cfg)
+            _worker(open(fds[0], "rb"), open(fds[1], "wb"), iso, cfg)
         _close(*fds)
-        while True:  # reap finished workers
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
+    os._exit(0)  # each worker sees the supervisor go on its own pipe
 
 
 # ----------------------------------------------------------------------------- the supervisor
-def _send(fd, obj):
-    data = memoryview(struct.pack("<Q", len(b := pickle.dumps(obj))) + b)
-    while data:
-        data = data[os.write(fd, data):]
+def _send(f, obj):
+    pickle.dump(obj, f)
+    f.flush()
 
 
-def _read(fd, n):
-    buf = b""
-    while len(buf) < n:
-        if not (chunk := os.read(fd, n - len(buf))):
-            return None
-        buf += chunk
-    return buf
-
-
-def _recv(fd, timeout=None):
-    """One framed message; None on EOF; TimeoutError when none starts in time."""
-    if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+def _recv(f, timeout=None):
+    """One message; None on EOF; TimeoutError when none starts in time."""
+    if timeout is not None and not select.select([f], [], [], timeout)[0]:
         raise TimeoutError(f"no answer from the sandbox worker in {timeout:g} s")
-    head = _read(fd, 8)
-    body = head and _read(fd, struct.unpack("<Q", head)[0])
-    return None if body is None else pickle.loads(body)
+    try:
+        return pickle.load(f)
+    except EOFError:
+        return None
 
 
 class _Closing:
@@ -520,54 +457,47 @@ class Sandbox(_Closing):
 
     def _start(self):
         """The zygote is a fresh interpreter, never a fork of a caller that may run threads."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
             [sys.executable, "-I", os.path.abspath(__file__), "--zygote", json.dumps(self.cfg), str(theirs.fileno())],
             pass_fds=[theirs.fileno()], env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             start_new_session=True)  # a ^C meant for the trainer does not reach it
         theirs.close()
-        ours.settimeout(300)
-        hello = ours.recv(1 << 16)
-        ours.settimeout(None)
-        if not hello:
+        self._ctl.settimeout(300)
+        if not (hello := self._ctl.recv(1 << 16)):
             raise RuntimeError("the sandbox zygote failed to start (its error is printed above)")
-        self._ctl, hello = ours, json.loads(hello)
-        self.isolation = hello["isolation"]
-        for what in [k for k, v in self.isolation.items() if not v] + [f"preload of {m}" for m in hello["missing"]]:
-            if what not in _WARNED:
-                _WARNED.add(what)
-                warnings.warn(f"sandbox: {what} refused here; running without it", RuntimeWarning, 3)
+        self.isolation, missing = json.loads(hello).values()
+        for what in {k for k, v in self.isolation.items() if not v} | {f"preload of {m}" for m in missing} - _WARNED:
+            _WARNED.add(what)
+            warnings.warn(f"sandbox: {what} refused here; running without it", RuntimeWarning, 3)
 
     def _new_worker(self, worker=None):
         """A worker: a fork of the zygote with a request pipe and a reply pipe (filled into `worker`)."""
         (req_r, req_w), (resp_r, resp_w) = os.pipe(), os.pipe()
+        ours = [open(req_w, "wb"), open(resp_r, "rb")]  # closed when collected, should we fail below
         try:
             with self._lock:
                 if self._proc.poll() is not None:  # the zygote died: start another
                     self._ctl.close()
                     self._start()
                 self._ctl.sendmsg([b"w"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [req_r, resp_w]))])
-        except BaseException:
-            _close(req_w, resp_r)
-            raise
         finally:
             _close(req_r, resp_w)
         if worker is None:
             self._all.append(worker := [])
-        worker[:] = [req_w, resp_r]
+        worker[:] = ours
         return worker
 
     def _call(self, worker, request):
         try:
-            if (reply := _send(worker[0], request) or _recv(worker[1], self.cfg["timeout"] + 60)) is None:
+            _send(worker[0], request)
+            if (reply := _recv(worker[1], self.cfg["timeout"] + 60)) is None:
                 raise EOFError("the sandbox worker died")
             return Result(**reply)
         except Exception as e:  # noqa: BLE001 - the machinery failed, not the snippet
             _retire(worker)  # a hung worker sees EOF and exits, and its child with it
-            try:
+            with contextlib.suppress(Exception):  # else retried on the next call
                 self._new_worker(worker)  # in place: the idle queue or the session keeps a live one
-            except Exception:  # noqa: BLE001, S110 - retried on the next call
-                pass
             return Result(**_internal(repr(e)))
 
     def run(self, code):
@@ -610,8 +540,9 @@ class Session(_Closing):
 
 
 def _retire(worker):
-    _close(*[fd for fd in worker if fd >= 0])
-    worker[:] = [-1, -1]
+    for f in worker:
+        with contextlib.suppress(OSError):  # a dead worker's pipe: still closed
+            f.close()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -623,12 +554,11 @@ elif __name__ == "__main__":
     ap.add_argument("file", nargs="?", help="code file (default: stdin)")
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--memory-mb", type=int, default=1024)
-    ap.add_argument("--max-output", type=int, default=1000)
     args = ap.parse_args()
     try:
         src = open(args.file, encoding="utf-8", errors="replace").read() if args.file else sys.stdin.read()
     except OSError as e:
         print(f"sandbox.py: cannot read {args.file}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
-    with Sandbox(args.timeout, args.memory_mb, args.max_output, workers=1) as sb:
+    with Sandbox(args.timeout, args.memory_mb, workers=1) as sb:
         print(json.dumps(asdict(sb.run(src)), ensure_ascii=False, indent=1))
