@@ -25,17 +25,17 @@ from tqdm import tqdm
 from data import DataError, builtin_sft_traces, builtin_tokenizer, load_sft, tokenize_trace
 from retool import ModelError, build_model, load_model, save_model
 
-# The built-in tiny model: Qwen2-shaped, deep rather than wide (depth helps copying digits),
-# small enough that SFT on 2 CPU cores takes minutes. vocab_size comes from the tokenizer.
+# The built-in tiny model (0.9M parameters), Qwen2-shaped; vocab_size comes from the tokenizer.
 TINY_CONFIG = {
     "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
 }
-# Its training defaults: small batches and many optimizer steps learn digit copying soonest.
+# Its training: small batches, many optimizer steps (what makes a tiny model learn to copy digits).
+# Measured: about 5 minutes on 2 busy CPU cores, 99% right on 200 held-out problems (top-p 0.7).
 TINY_TRAIN = {"n_traces": 20000, "code_share": 0.8, "steps": 1200, "batch": 8, "pack_len": 256,
               "lr": 2e-3}
-# Fine-tuning a real checkpoint: the paper's recipe as reproduced in verl (lr 1e-5, 2 epochs).
+# Fine-tuning a real checkpoint: the paper's 2 epochs; lr, batch and length from verl's reproduction.
 REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
 
 
@@ -373,12 +373,14 @@ def sft_args(argv):
 
 def sft_main(argv):
     """`retool.py --stage sft ...`: returns the exit code (2 on a user mistake, one line)."""
+    threads = torch.get_num_threads()  # _sft_run may lower it; callers (tests) get theirs back
     try:
         return _sft_run(sft_args(argv))
     except (UsageError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.destroy_process_group()
 
