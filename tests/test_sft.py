@@ -118,15 +118,19 @@ def test_resume_is_bit_identical(ckpt, tmp_path):
     assert [r["loss"] for r in metrics(whole)] == [r["loss"] for r in metrics(split)]
 
 
-def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
+def test_two_gloo_ranks_match_one_process_through_a_resume(ckpt, tmp_path):
     script = tmp_path / "sft_entry.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
                       "from _sft import sft_main\nsys.exit(sft_main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = run_args(ckpt, tmp_path / "two", "--steps", "4", "--micro-batch", "1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          "2", str(script), *args], env=env, capture_output=True, text=True, timeout=120)
-    assert two.returncode == 0, two.stderr[-2000:]
+    for extra in (["--stop-after", "2"], ["--resume"]):  # the sharded checkpoint round trip too
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              "2", str(script), *args, *extra], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert two.returncode == 0, two.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "step_0000002")) == [
+        "model", "rng_rank0.pt", "rng_rank1.pt", "train_state.pt"]
     assert sft_main(run_args(ckpt, tmp_path / "one", "--steps", "4", "--micro-batch", "2")) == 0
     one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
     two_losses = [r["loss"] for r in metrics(tmp_path / "two")]
