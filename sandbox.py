@@ -63,7 +63,11 @@ def _close(*fds):
             os.close(fd)
 
 
-def _fds(anc):  # file descriptors received with SCM_RIGHTS
+def _rights(*fds):  # file descriptors to send over a unix socket, and to receive them
+    return socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)
+
+
+def _fds(anc):
     return [fd for _, kind, data in anc if kind == socket.SCM_RIGHTS for fd in array.array("i", data)]
 
 
@@ -85,9 +89,9 @@ def _internal(err):
 # ----------------------------------------------------------------------------- confinement
 def _private_ipc():  # zygote: SysV shm/semaphores/queues and mqueues outlive processes: allow none
     _unshare(CLONE_NEWIPC)
-    for key, val in (("kernel/shmmni", "0"), ("kernel/msgmni", "0"), ("kernel/sem", "0 0 0 0"), ("fs/mqueue/queues_max", "0")):
+    for key in ("kernel/shmmni", "kernel/msgmni", "kernel/sem", "fs/mqueue/queues_max"):
         with open(f"/proc/sys/{key}", "w") as f:
-            f.write(val)
+            f.write("0 0 0 0" if key == "kernel/sem" else "0")
 
 
 def _prepare_root():
@@ -119,9 +123,10 @@ def _worker_setup(iso, cfg, strict=True):
 
     def private_tmp():
         _unshare(CLONE_NEWNS)
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_mb']}m,nr_inodes=65536,mode=0700{owner}")
+        size = f"size={cfg['disk_mb']}m,nr_inodes=65536,mode=0700{owner}"
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, size)
         _mount("/tmp", "/dev/shm", None, MS_BIND)  # POSIX shm and semaphores (multiprocessing)
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
     _step(iso, "mount_namespace", private_tmp, strict)
     if iso["mount_namespace"]:
         return "/tmp"
@@ -142,10 +147,9 @@ def _confine(iso, cfg, workdir, strict=True):
     os.setsid()  # own session and group: no controlling tty, and kill(0)/killpg stay inside
     os.chdir(workdir)
     cpu = int(cfg["timeout"]) + 2  # the wall clock fires first unless threads burn several cores
-    for lim, val in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_CORE, 0),
-                     (resource.RLIMIT_FSIZE, cfg["disk_mb"] << 20), (resource.RLIMIT_NOFILE, NOFILE),
-                     (resource.RLIMIT_NPROC, NPROC)):  # NPROC binds only once we are not root
-        resource.setrlimit(lim, (val, val + (lim == resource.RLIMIT_CPU)))  # SIGXCPU, then SIGKILL
+    for lim, val in (("AS", cfg["memory_mb"] << 20), ("CPU", cpu), ("CORE", 0), ("FSIZE", cfg["disk_mb"] << 20),
+                     ("NOFILE", NOFILE), ("NPROC", NPROC)):  # NPROC binds only once we are not root
+        resource.setrlimit(getattr(resource, f"RLIMIT_{lim}"), (val, val + (lim == "CPU")))  # SIGXCPU, then SIGKILL
 
     def drop_uid():
         os.setgroups([]), os.setgid(_UID), os.setuid(_UID)
@@ -193,7 +197,8 @@ def _hold(sock, main):
         if (pid := os.fork()) == 0:
             os.dup2(fds[0], 1), os.dup2(fds[1], 2), _close(*fds)
             sock.send(b"pid")  # SO_PASSCRED: the worker learns our real pid, to kill just this cell
-            if rc := _execute(code.decode(errors="replace"), main):
+            me, rc = os.getpid(), _execute(code.decode(errors="replace"), main)
+            if rc or os.getpid() != me:  # failed, or a process the cell forked: not the new holder
                 os._exit(rc)
             os.dup2(null := os.open(os.devnull, os.O_WRONLY), 1), os.dup2(null, 2), os.close(null)  # pipes: EOF
             ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -250,9 +255,13 @@ def _spawn(iso, cfg, workdir, fds, body):
             except BaseException as e:  # noqa: BLE001
                 os.write(2, f"\nSandboxError: confinement failed: {e!r}\n".encode())
             os._exit(INTERNAL)
-    finally:  # our later forks: back in our own namespace
-        iso["pid_namespace"] and _check(_libc.setns(_PIDNS_FD, CLONE_NEWPID), "setns")
+    finally:
+        iso["pid_namespace"] and _setns_back()
     return pid
+
+
+def _setns_back():  # our later forks: children in our own PID namespace again
+    _check(_libc.setns(_PIDNS_FD, CLONE_NEWPID), "setns")
 
 
 def _kill(pid):
@@ -308,7 +317,8 @@ def _cell(sess, code, iso, cfg, workdir):
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel stamps each sender's pid
         main = types.ModuleType("__main__")
         try:
-            sess = (_spawn(iso, cfg, workdir, (_NULL, _NULL, theirs.fileno()), lambda: _hold(socket.socket(fileno=3), main)), ours)
+            sess = (_spawn(iso, cfg, workdir, (_NULL, _NULL, theirs.fileno()), lambda: _hold(socket.socket(fileno=3), main)),
+                    ours)
         finally:
             theirs.close()
     sock, state = sess[1], {"want": (b"ok", b"exit")}
@@ -319,8 +329,9 @@ def _cell(sess, code, iso, cfg, workdir):
             raise OSError("the session holder died")
         word, *rest = msg.split()
         if word == b"pid":  # a sender can only stamp its own pid; a quick cell may be gone already
+            creds = [data for _, kind, data in anc if kind == socket.SCM_CREDENTIALS][0]
             with contextlib.suppress(ProcessLookupError):
-                state["pidfd"] = os.pidfd_open(struct.unpack("3i", [d for _, k, d in anc if k == socket.SCM_CREDENTIALS][0])[0])
+                state["pidfd"] = os.pidfd_open(struct.unpack("3i", creds)[0])
         elif word in state["want"]:
             state["end"] = (int(rest[0]), float(rest[1]))
             return True
@@ -329,7 +340,7 @@ def _cell(sess, code, iso, cfg, workdir):
     bufs = {out_r: bytearray(), err_r: bytearray()}
     try:
         try:
-            sock.sendmsg([code.encode(errors="replace")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out_w, err_w]))])
+            sock.sendmsg([code.encode(errors="replace")], [_rights(out_w, err_w)])
         finally:
             _close(out_w, err_w)
         if why := _watch(bufs, [sock.fileno()], t0 + cfg["timeout"], on_msg, cfg["max_bytes"]):
@@ -390,7 +401,7 @@ def _zygote(cfg, ctl_fd):
     iso = dict.fromkeys(ISOLATION, True) | {"uid_drop": os.geteuid() == 0}
     _step(iso, "ipc_namespace", _private_ipc, False)
     _step(iso, "mount_namespace", _prepare_root, False)
-    _step(iso, "pid_namespace", lambda: (_unshare(CLONE_NEWPID), _check(_libc.setns(_PIDNS_FD, CLONE_NEWPID), "setns")), False)
+    _step(iso, "pid_namespace", lambda: (_unshare(CLONE_NEWPID), _setns_back()), False)
     r, w = os.pipe()
     if (pid := os.fork()) == 0:  # probe the rest in a child set up like a worker and a snippet
         try:
@@ -480,7 +491,7 @@ class Sandbox(_Closing):
                 if self._proc.poll() is not None:  # the zygote died: start another
                     self._ctl.close()
                     self._start()
-                self._ctl.sendmsg([b"w"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [req_r, resp_w]))])
+                self._ctl.sendmsg([b"w"], [_rights(req_r, resp_w)])
         finally:
             _close(req_r, resp_w)
         if worker is None:

@@ -70,6 +70,10 @@ CORRECT = [
     ("import os\nprint(os.getuid() > 0, os.getcwd(), os.listdir('.'))\nopen('f.txt', 'w').write('x')\nprint(os.listdir('.'))",
      "ok", "True /tmp []\n['f.txt']\n", None),
     ("input()", "error", "EOFError: EOF when reading a line", None),
+    ("import multiprocessing as mp\ndef sq(x): return x * x\nif __name__ == '__main__':\n"
+     "    with mp.Pool(2) as p: print(p.map(sq, range(5)))", "ok", "[0, 1, 4, 9, 16]\n", None),
+    ("import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', 'import fractions; print(1)'], "
+     "capture_output=True, text=True).stdout, end='')", "ok", "1\n", None),
 ]
 
 
@@ -112,6 +116,8 @@ def test_session_state_and_rollback(sb):
         r = other.run("print(x)")  # sessions never share state
         assert r.status == "error" and "NameError" in r.feedback
         assert other.run("y = 1").status == "ok" and s.run("print('y' in dir())").stdout == "False\n"
+        assert s.run("import os\nif os.fork() == 0: x = 7").status == "ok"  # the forked copy is not the holder
+        assert s.run("print(x)").stdout == "42\n"
 
 
 def test_hostile_battery(sb, tmp_path):
