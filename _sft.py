@@ -428,8 +428,9 @@ def _sft_run(a):
         if state["extra"].get("n_rows") != n_rows:
             raise UsageError(f"--resume: {ckpt} was trained on other data ({state['extra'].get('n_rows')} rows)")
         start = state["step"]
-    elif rank == 0:  # a fresh run: stale checkpoints would confuse a later --resume
-        shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
+    elif rank == 0:  # a fresh run: stale checkpoints and metrics would mislead --resume and plots
+        for stale in ("checkpoints", "tb"):
+            shutil.rmtree(os.path.join(a.out, stale), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(a.out, "metrics.jsonl"))
     log = MetricsLog(a.out, enabled=rank == 0)
