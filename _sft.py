@@ -136,10 +136,9 @@ def pack_documents(docs, pack_len, pad_id=0):
     rows, free = [], []  # documents per row, room left per row
     for i in order:
         n = min(len(docs[i][0]), pack_len)
-        r = next((r for r in range(len(rows)) if free[r] >= n), None)
-        if r is None:
+        r = next((r for r, room in enumerate(free) if room >= n), len(rows))
+        if r == len(rows):
             rows.append([]), free.append(pack_len)
-            r = len(rows) - 1
         rows[r].append(i)
         free[r] -= n
     out = {k: torch.full((len(rows), pack_len), v, dtype=torch.long) for k, v in
@@ -196,15 +195,14 @@ def sft_step(model, optimizer, scheduler, micro_batches, n_targets, device, clip
 @torch.no_grad()
 def heldout_loss(model, rows, micro, device):
     """Token-mean loss over all held-out rows; every rank runs the same number of forwards (FSDP
-    needs that), a rank past the end repeats row 0 with weight 0."""
+    needs that): past the end, a rank wraps around to rows it then weighs 0."""
     rank, world = (dist.get_rank(), world_size()) if dist.is_initialized() else (0, 1)
     n = len(rows["input_ids"])
     sums = torch.zeros(2, device=device)  # NLL sum, target count
     for start in range(0, n, micro * world):
-        idx = [start + rank * micro + j for j in range(micro)]
-        keep = torch.tensor([float(i < n) for i in idx], device=device)
-        mb = {k: v[[i if i < n else 0 for i in idx]].to(device) for k, v in rows.items()}
-        mb["loss_mask"] = mb["loss_mask"] * keep[:, None].long()
+        idx = torch.arange(start + rank * micro, start + (rank + 1) * micro)
+        mb = {k: v[idx % n].to(device) for k, v in rows.items()}
+        mb["loss_mask"] = mb["loss_mask"] * (idx < n).to(device)[:, None]
         with autocast(device):
             sums[0] += sft_loss_sum(model, mb)
         sums[1] += mb["loss_mask"].sum()

@@ -135,6 +135,8 @@ def test_two_gloo_ranks_match_one_process_through_a_resume(ckpt, tmp_path):
     one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
     two_losses = [r["loss"] for r in metrics(tmp_path / "two")]
     assert len(two_losses) == 4 and two_losses == pytest.approx(one_losses, rel=1e-5)
+    held = [[r["heldout_loss"] for r in metrics(tmp_path / d) if "heldout_loss" in r] for d in ("one", "two")]
+    assert len(held[0]) == 2 and held[1] == pytest.approx(held[0], rel=1e-5)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
