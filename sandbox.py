@@ -1,18 +1,17 @@
 """A fast, really isolating code interpreter for ReTool rollouts (standard library only).
 
 A warm zygote (fresh interpreter, fixed secret-free env, math stack imported with BLAS threads at 1,
-SysV IPC disabled, whole filesystem read-only) forks one worker per slot; a worker (own network
-namespace with no interface up, own tmpfs /tmp wiped after each snippet, /proc hiding others)
-forks per snippet a child that is init of a new PID namespace (its whole tree dies with it), in a
-new session, under rlimits, as the worker's own uid, no_new_privs, SIGKILL on parent death.
-`Sandbox.isolation` reports what the kernel granted; a refusal warns once.
+SysV IPC off, whole filesystem read-only) forks a worker per slot: own network namespace with no
+interface up, own tmpfs /tmp wiped after each snippet, a /proc hiding others. Per snippet a worker
+forks a child: init of a new PID namespace (its whole tree dies with it), new session, rlimits, the
+worker's own uid, no_new_privs, SIGKILL on parent death. `Sandbox.isolation` says what is active.
 
-Result.feedback, what the model reads in <interpreter> (~max_output chars, head and tail kept):
-ok: stdout | error (memory for a MemoryError): stdout so far + the last stderr line, the exception |
-timeout: stdout so far + "Timeout Error: ..." | killed: stdout so far + "Killed: ..." (a signal or
-the output ceiling) | internal: "Sandbox error: ..." (the machinery failed; run() never raises).
-Sessions: a holder process keeps the state, each cell runs in a fork of it and, if it succeeds,
-becomes the holder; a failed cell just dies (rollback). Files in /tmp are not rolled back.
+Result.feedback is what the model reads in <interpreter> (~max_output chars, head + tail): ok: stdout;
+error (memory for a MemoryError): stdout so far + the last stderr line, i.e. the exception; timeout:
+stdout so far + "Timeout Error: ..."; killed: stdout so far + "Killed: ..." (a signal or the output
+ceiling); internal: "Sandbox error: ..." (the machinery failed: run() never raises). Sessions: a
+holder process keeps the state; a cell runs in a fork of it and, if it succeeds, becomes the holder,
+else dies (rollback). Files in /tmp are not rolled back.
 """
 import array, contextlib, ctypes, gc, importlib, json, linecache, os, pickle, queue, re, resource, select  # noqa: E401
 import shutil, signal, socket, struct, subprocess, sys, threading, time, traceback, types, warnings  # noqa: E401
@@ -422,6 +421,7 @@ def _zygote(cfg, ctl_fd):
             ctl.close()
             _worker(open(fds[0], "rb"), open(fds[1], "wb"), iso, cfg)
         _close(*fds)
+        ctl.send(b"+")
     os._exit(0)  # each worker sees the supervisor go on its own pipe
 
 
@@ -435,10 +435,8 @@ def _recv(f, timeout=None):
     """One message; None on EOF; TimeoutError when none starts in time."""
     if timeout is not None and not select.select([f], [], [], timeout)[0]:
         raise TimeoutError(f"no answer from the sandbox worker in {timeout:g} s")
-    try:
+    with contextlib.suppress(EOFError):
         return pickle.load(f)
-    except EOFError:
-        return None
 
 
 class _Closing:
@@ -488,10 +486,17 @@ class Sandbox(_Closing):
         ours = [open(req_w, "wb"), open(resp_r, "rb")]  # closed when collected, should we fail below
         try:
             with self._lock:
-                if self._proc.poll() is not None:  # the zygote died: start another
-                    self._ctl.close()
-                    self._start()
-                self._ctl.sendmsg([b"w"], [_rights(req_r, resp_w)])
+                for _ in range(2):  # a zygote found dead (or dying) is replaced, once
+                    if self._proc.poll() is not None:
+                        self._ctl.close()
+                        self._start()
+                    with contextlib.suppress(OSError):
+                        if self._ctl.sendmsg([b"w"], [_rights(req_r, resp_w)]) and self._ctl.recv(1):
+                            break  # the zygote confirmed the fork
+                    self._proc.kill()
+                    self._proc.wait()
+                else:
+                    raise RuntimeError("the sandbox zygote cannot start a worker")
         finally:
             _close(req_r, resp_w)
         if worker is None:
@@ -530,10 +535,9 @@ class Sandbox(_Closing):
         for worker in self._all:
             _retire(worker)  # each worker kills its child and exits
         self._ctl.close()  # then the zygote exits
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        self._proc.kill()  # a no-op once it exited
 
 
 class Session(_Closing):
@@ -564,12 +568,11 @@ elif __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Run a Python file (or stdin) in the sandbox; print the Result as JSON.")
     ap.add_argument("file", nargs="?", help="code file (default: stdin)")
     ap.add_argument("--timeout", type=float, default=5.0)
-    ap.add_argument("--memory-mb", type=int, default=1024)
     args = ap.parse_args()
     try:
         src = open(args.file, encoding="utf-8", errors="replace").read() if args.file else sys.stdin.read()
     except OSError as e:
         print(f"sandbox.py: cannot read {args.file}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
-    with Sandbox(args.timeout, args.memory_mb, workers=1) as sb:
+    with Sandbox(args.timeout, workers=1) as sb:
         print(json.dumps(asdict(sb.run(src)), ensure_ascii=False, indent=1))

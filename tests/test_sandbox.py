@@ -5,12 +5,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from sandbox import ISOLATION, Sandbox
+from sandbox import ISOLATION, UID_BASE, Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "retool-secret-" + uuid.uuid4().hex
@@ -160,7 +162,8 @@ def test_hostile_battery(sb, tmp_path):
             "    except OSError as e: print('denied', d)\nopen('" + MARK + "', 'w').write('in cwd is fine')", "ok"),
         "huge file": ("f = open('big', 'wb')\nwhile True: f.write(b'0' * 10**6)", "error"),
         "fd exhaustion": ("fs = [open('/dev/null') for _ in range(100000)]", "error"),
-        "thread explosion": ("import threading, time\nfor _ in range(100000):\n"
+        "thread explosion": ("import threading, time\nthreading.stack_size(1 << 16)  # hit the process cap, not memory\n"
+                             "for _ in range(100000):\n"
                              "    threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()", "error"),
         "segfault via ctypes": ("import ctypes\nctypes.string_at(0)", "killed"),
         "deep recursion": ("def f(n): return f(n + 1)\nf(0)", "error"),
@@ -191,17 +194,32 @@ def test_hostile_battery(sb, tmp_path):
 
 
 def test_machinery_failure_is_a_result_and_heals(sb):
-    workers = [p for p, uid in _descendants(sb._proc.pid).items() if uid == 0]
-    for p in workers:
-        os.kill(p, signal.SIGKILL)
-    results = sb.run_many(["print(1)"] * 4)
-    assert {r.status for r in results} <= {"ok", "internal"} and "internal" in {r.status for r in results}
-    assert all(r.feedback.startswith("Sandbox error") for r in results if r.status == "internal")
-    assert [r.stdout for r in sb.run_many(["print(2)"] * 4)] == ["2\n"] * 4
-    sb._proc.kill()  # the zygote itself: a new one is started
-    sb._proc.wait()
-    sb.run_many(["print(3)"] * 4)
-    assert [r.stdout for r in sb.run_many(["print(4)"] * 4)] == ["4\n"] * 4
+    for kill_zygote in (False, True):
+        workers = [p for p, uid in _descendants(sb._proc.pid).items() if uid == 0]
+        for p in workers + [sb._proc.pid] * kill_zygote:
+            os.kill(p, signal.SIGKILL)
+        results = sb.run_many(["print(1)"] * 4)
+        assert {r.status for r in results} <= {"ok", "internal"} and "internal" in {r.status for r in results}
+        assert all(r.feedback.startswith("Sandbox error") for r in results if r.status == "internal")
+        assert [r.stdout for r in sb.run_many(["print(2)"] * 4)] == ["2\n"] * 4
+
+
+def test_worker_death_kills_its_running_snippet(sb):
+    done = []
+    thread = threading.Thread(target=lambda: done.append(sb.run("import time\ntime.sleep(60)")))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (snippet := [p for p, uid in _descendants(sb._proc.pid).items() if uid >= UID_BASE]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker = int(Path(f"/proc/{snippet[0]}/status").read_text().split("PPid:")[1].split()[0])
+    os.kill(worker, signal.SIGKILL)  # the snippet gets SIGKILL as its parent dies, and with it its pid ns
+    thread.join()
+    while os.path.exists(f"/proc/{snippet[0]}"):  # killed and reaped (asynchronously)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert done[0].status == "internal"
+    assert sb.run("print(5)").stdout == "5\n"
 
 
 def test_load_512_no_failure_no_false_timeout():
