@@ -163,9 +163,8 @@ def _confine(iso, cfg, workdir, strict=True):
 def _execute(code, main):
     """Run code as `python file.py` would, in module `main`; returns the exit code."""
     sys.stdin = sys.__stdin__ = open(0, closefd=False)
-    for fd, name in ((1, "stdout"), (2, "stderr")):  # line-buffered: a kill keeps what was printed
-        f = open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
-        setattr(sys, name, f), setattr(sys, f"__{name}__", f)
+    std = [open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) for fd in (1, 2)]
+    (sys.stdout, sys.stderr), (sys.__stdout__, sys.__stderr__) = std, std  # line-buffered: a kill keeps prints
     sys.argv, sys.modules["__main__"] = ["<code>"], main
     if "numpy" in sys.modules:  # a forked RNG would repeat itself in every snippet
         sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
@@ -176,11 +175,12 @@ def _execute(code, main):
         rc = 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else int(e.code is not None)
-        isinstance(e.code, int | None) or print(e.code, file=sys.stderr)
-    except BaseException as e:  # noqa: BLE001 - the snippet's exception is its feedback
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # copes with a failing __str__
-    with contextlib.suppress(BaseException):  # the snippet may have closed or replaced them
-        sys.stdout.flush(), sys.stderr.flush()
+        isinstance(e.code, int | None) or print(e.code, file=std[1])
+    except BaseException as e:  # noqa: BLE001 - the snippet's exception is its feedback: to our stderr,
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next, file=std[1])  # whatever sys.stderr is now
+    for f in (sys.stdout, sys.stderr, *std):
+        with contextlib.suppress(BaseException):  # the snippet may have closed or replaced them
+            f.flush()
     return rc & 0xFF
 
 

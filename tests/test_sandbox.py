@@ -72,6 +72,8 @@ CORRECT = [
     ("import os\nprint(os.getuid() > 0, os.getcwd(), os.listdir('.'))\nopen('f.txt', 'w').write('x')\nprint(os.listdir('.'))",
      "ok", "True /tmp []\n['f.txt']\n", None),
     ("input()", "error", "EOFError: EOF when reading a line", None),
+    ("import io, sys\nprint('a')\nsys.stdout = sys.stderr = io.StringIO()\nprint('lost')\n1/0", "error",
+     "a\nZeroDivisionError: division by zero", None),
     ("import multiprocessing as mp\ndef sq(x): return x * x\nif __name__ == '__main__':\n"
      "    with mp.Pool(2) as p: print(p.map(sq, range(5)))", "ok", "[0, 1, 4, 9, 16]\n", None),
     ("import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', 'import fractions; print(1)'], "
