@@ -32,7 +32,7 @@ from _sft import (UsageError, _Parser, autocast, barrier, batch_indices, latest_
 
 # the built-in tiny model learns fast at a large lr; real checkpoints get the paper's settings
 RL_PRESETS = {
-    "tiny": dict(lr=2e-5, critic_lr=1e-4, steps=30, prompts=16, n=8, max_new_tokens=200,
+    "tiny": dict(lr=1e-4, critic_lr=1e-3, steps=50, prompts=16, n=8, max_new_tokens=200,
                  critic_warmup=2, mini_batches=2, micro_batch=64),
     "real": dict(lr=1e-6, critic_lr=2e-6, steps=400, prompts=64, n=16, max_new_tokens=16000,
                  critic_warmup=20, mini_batches=2, micro_batch=4),
@@ -294,7 +294,7 @@ def step_jobs(problems, args, step, rank, world):
             for j in range(k * block + rank * per, k * block + (rank + 1) * per)]
 
 
-def reduce(values, device, op=None):
+def reduce_floats(values, device, op=None):
     """Sum (or op) a list of floats over ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -313,7 +313,7 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     for _ in range(args.ppo_epochs):
         for k in range(args.mini_batches):
             mb = records[k * per:(k + 1) * per]
-            n_tokens = max(1.0, reduce([sum(r["mask"].sum().item() for r in mb)], device)[0])
+            n_tokens = max(1.0, reduce_floats([sum(r["mask"].sum().item() for r in mb)], device)[0])
             for key, v in minibatch_backward(mb, policy, critic, args, device, n_tokens, train_policy).items():
                 acc[key] += v
             if train_policy:
@@ -322,7 +322,7 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
                 acc["critic_grad_norm"] += optimizer_step(critic, copt, None, args.grad_clip)
     updates = args.ppo_epochs * args.mini_batches
     # the per-mini-batch sums are already global token-means of this rank's part: sum over ranks
-    out = dict(zip(keys, reduce([acc[k] for k in keys[:5]], device) + [acc[k] for k in keys[5:]]))
+    out = dict(zip(keys, reduce_floats([acc[k] for k in keys[:5]], device) + [acc[k] for k in keys[5:]]))
     out["clip_frac"] = out.pop("clipped")
     drop = ({"ref_kl"} if ref is None else set()) | ({"value_loss", "critic_grad_norm"} if critic is None else set())
     drop |= set() if train_policy else {"loss", "clip_frac", "approx_kl", "ref_kl", "grad_norm"}
@@ -337,7 +337,7 @@ def rollout_metrics(records, device):
     per_token = [sum((f(r) * r["mask"]).sum().item() for r in records) for f in (
         lambda r: 1, lambda r: r["ent"], lambda r: r["ret"], lambda r: r["ret"] ** 2,
         lambda r: r["ret"] - r["val"], lambda r: (r["ret"] - r["val"]) ** 2)]
-    n, acc, rew, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = reduce(
+    n, acc, rew, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = reduce_floats(
         [len(s), sum(x["reward"] > 0 for x in s), *per_traj, *per_token], device)
     diff = max([((r["old"] - r["eng"]).abs() * r["mask"]).max().item() for r in records] or [0.0])
     var_ret, var_err = r2 / toks - (r1 / toks) ** 2, e2 / toks - (e1 / toks) ** 2
@@ -345,7 +345,7 @@ def rollout_metrics(records, device):
                 tool_calls=calls / n, code_lines=lines / n, code_pass=ok / calls if calls else 0.0,
                 first_call=first / code if code else 0.0, entropy=ent / toks,
                 explained_var=1 - var_err / var_ret if var_ret > 1e-6 else 0.0,  # 0: constant returns
-                logprob_diff=reduce([diff], device, dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
+                logprob_diff=reduce_floats([diff], device, dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -202,6 +202,14 @@ def test_rl_main_end_to_end_and_bit_identical_resume(ckpt, tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in m]
 
 
+def test_grpo_text_only_step(ckpt, tmp_path):
+    assert rl_main(["--model", ckpt, "--out", str(tmp_path), "--steps", "1", "--algo", "grpo", "--no-std",
+                    "--no-tools", *small()]) == 0
+    (m,) = metrics(tmp_path)
+    assert "loss" in m and "value_loss" not in m and "explained_var" not in m
+    assert m["code_ratio"] == 0 and m["time_sandbox"] == 0 and all(math.isfinite(v) for v in m.values())
+
+
 def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
     script = tmp_path / "rl_entry.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
