@@ -408,6 +408,10 @@ def _rl_run(a):
     if a.prompts % (a.mini_batches * world):
         raise UsageError(f"--prompts {a.prompts} is not a multiple of --mini-batches {a.mini_batches} "
                          f"x {world} ranks")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # leave half the cores to the sandbox: intra-op threads that compete with its workers spin
+        # (measured on 2 cores: generation 60x slower with 2 threads than with 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     torch.manual_seed(a.seed)
     problems = load_rl(a.data) if a.data else builtin_problems("train", a.train_problems, seed=a.seed)
     policy, tok = load_model(a.model, device="cpu", dtype=torch.float32)
