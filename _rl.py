@@ -352,7 +352,8 @@ def rollout_metrics(records, device):
 
 def rl_args(argv):
     p = _Parser(prog="retool.py --stage rl", description="RL with interleaved code execution. Without "
-                "--model/--data: the built-in SFT model (out/sft) on built-in prompts, on CPU.")
+                "--model: the tiny preset from the built-in SFT model (out/sft); with --model: the real-"
+                "checkpoint preset (the paper's settings). --data: DAPO-Math-17k-shaped prompts.")
     p.add_argument("--model", help="starting checkpoint, HF dir (default out/sft, the built-in SFT model)")
     p.add_argument("--data", help="RL prompts, .jsonl/.json/.parquet, DAPO-Math-17k or problem/answer rows")
     p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/")
@@ -428,6 +429,8 @@ def _rl_run(a):
         state = load_checkpoint(ckpt, policy, opt)
         start = state["step"]
         if critic is not None:  # the critic travels in the policy checkpoint's train state
+            if "critic" not in state["extra"]:
+                raise UsageError(f"--resume: {ckpt} holds no critic (a GRPO run?); resume with --algo grpo")
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(critic, state["extra"]["critic"], options=full)
             set_optimizer_state_dict(critic, copt, state["extra"]["critic_opt"], options=full)
