@@ -5,6 +5,7 @@
 # advantages; PPO epochs over mini-batches. Interpreter tokens (loss mask 0) are context only:
 # they never enter the policy loss, value loss, KL or entropy.
 # ---------------------------------------------------------------------------------------------
+import bisect
 import contextlib
 import copy
 import os
@@ -16,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.utils.rnn import pad_sequence
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -152,14 +154,8 @@ def timed(tool, timer):
 
 def first_code_token(tokenizer, response_ids):
     """Token index of the first `<code>` in a response (binary search over decoded prefixes)."""
-    lo, hi = 0, len(response_ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if "<code>" in tokenizer.decode(response_ids[:mid + 1]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return bisect.bisect_left(range(len(response_ids)), True,
+                              key=lambda k: "<code>" in tokenizer.decode(response_ids[:k + 1]))
 
 
 def to_record(traj, gold, tokenizer):
@@ -174,18 +170,14 @@ def to_record(traj, gold, tokenizer):
     stats = dict(
         reward=grade_reward(traj.text, gold), length=r, code=float(bool(calls)), calls=len(calls),
         code_lines=sum(sum(1 for l in c.code.splitlines() if l.strip()) for c in calls),
-        calls_ok=sum(getattr(c, "status", "ok") == "ok" for c in calls),
+        calls_ok=sum(c.status == "ok" for c in calls),
         first_call=first_code_token(tokenizer, traj.response_ids) / r if calls else 0.0)
     return dict(ids=ids, mask=mask, eng=eng, stats=stats)
 
 
 def collate(records, keys):
     """Right-pad 1-D tensors of the given keys into (B, L) batches (0 padding: mask 0 there)."""
-    out = {}
-    for k in keys:
-        L = max(len(rec[k]) for rec in records)
-        out[k] = torch.stack([torch.nn.functional.pad(rec[k], (0, L - len(rec[k]))) for rec in records])
-    return out
+    return {k: pad_sequence([rec[k] for rec in records], batch_first=True) for k in keys}
 
 
 def rollout(policy, tokenizer, jobs, args, tool, step):
@@ -204,10 +196,10 @@ def rollout(policy, tokenizer, jobs, args, tool, step):
 # ----------------------------------------------------------------------------- training
 
 @contextlib.contextmanager
-def full_weights(*models):
+def full_weights(model):
     """FSDP2: every rank generates with the full weights. unshard() on the root alone leaves the
     layers sharded, so keep every FSDP module gathered until generation ends, then reshard all."""
-    mods = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.set_reshard_after_forward(False)
         m.unshard()
