@@ -32,8 +32,10 @@ TINY_CONFIG = {
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
 }
 # Its training: small batches, many optimizer steps (what makes a tiny model learn to copy digits).
-# Measured: about 5 minutes on 2 busy CPU cores, 99% right on 200 held-out problems (top-p 0.7).
-TINY_TRAIN = {"n_traces": 20000, "code_share": 0.8, "steps": 1200, "batch": 8, "pack_len": 256,
+# Code share 0.6: the model learns both strategies and picks code about 60% of the time, so RL has
+# a choice to learn (code works, mental arithmetic does not). Measured: 3.7 minutes on 2 cores,
+# 58.5% right on 200 held-out problems (every code answer's code ran; 97% of those right).
+TINY_TRAIN = {"n_traces": 20000, "code_share": 0.6, "steps": 1200, "batch": 8, "pack_len": 256,
               "lr": 2e-3}
 # Fine-tuning a real checkpoint: the paper's 2 epochs; lr, batch and length from verl's reproduction.
 REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
