@@ -316,7 +316,8 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     # the per-mini-batch sums are already global token-means of this rank's part: sum over ranks
     out = dict(zip(keys, reduce_floats([acc[k] for k in keys[:5]], device) + [acc[k] for k in keys[5:]]))
     out["clip_frac"] = out.pop("clipped")
-    drop = ({"ref_kl"} if ref is None else set()) | ({"value_loss", "critic_grad_norm"} if critic is None else set())
+    drop = {"ref_kl"} if ref is None else set()
+    drop |= {"value_loss", "critic_grad_norm"} if critic is None else set()
     drop |= set() if train_policy else {"loss", "clip_frac", "approx_kl", "ref_kl", "grad_norm"}
     return {k: v / updates for k, v in out.items() if k not in drop}
 
@@ -332,12 +333,13 @@ def rollout_metrics(records, device):
     n, acc, rew, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = reduce_floats(
         [len(s), sum(x["reward"] > 0 for x in s), *per_traj, *per_token], device)
     diff = max([((r["old"] - r["eng"]).abs() * r["mask"]).max().item() for r in records] or [0.0])
+    diff = reduce_floats([diff], device, dist.ReduceOp.MAX if dist.is_initialized() else None)[0]
     var_ret, var_err = r2 / toks - (r1 / toks) ** 2, e2 / toks - (e1 / toks) ** 2
     return dict(reward=rew / n, accuracy=acc / n, response_len=length / n, code_ratio=code / n,
                 tool_calls=calls / n, code_lines=lines / n, code_pass=ok / calls if calls else 0.0,
                 first_call=first / code if code else 0.0, entropy=ent / toks,
                 explained_var=1 - var_err / var_ret if var_ret > 1e-6 else 0.0,  # 0: constant returns
-                logprob_diff=reduce_floats([diff], device, dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
+                logprob_diff=diff)
 
 
 # ----------------------------------------------------------------------------- CLI

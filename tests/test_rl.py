@@ -101,8 +101,9 @@ def test_loss_is_a_global_token_mean_however_micro_batched(ckpt, tok):
         a = rl_args(["--model", ckpt, "--micro-batch", str(micro), "--rollouts", "5"])
         score(records, policy, critic, None, a, torch.device("cpu"))
         add_advantages(records, a)
+        g = torch.Generator().manual_seed(1)
         for rec in records:  # a policy that moved since the rollouts: ratios off 1, some clipped
-            rec["old"] = rec["old"] + 0.3 * torch.randn(len(rec["old"]), generator=torch.Generator().manual_seed(1))
+            rec["old"] = rec["old"] + 0.3 * torch.randn(len(rec["old"]), generator=g)
         n_tokens = sum(r["mask"].sum().item() for r in records)
         policy.zero_grad(), critic.zero_grad()
         stats = minibatch_backward(records, policy, critic, a, torch.device("cpu"), n_tokens)
