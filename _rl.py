@@ -388,12 +388,14 @@ def rl_args(argv):
 
 def rl_main(argv):
     """`retool.py --stage rl ...`: returns the exit code (2 on a user mistake, one line)."""
+    threads = torch.get_num_threads()
     try:
         return _rl_run(rl_args(argv))
     except (UsageError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        torch.set_num_threads(threads)  # _rl_run may lower it on CPU; callers get theirs back
         if dist.is_initialized():
             dist.destroy_process_group()
 
