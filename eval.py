@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _grading import extract_answer, is_equiv  # re-exported: eval.py is where users find the grader
+from data import extract_answer, is_equiv  # re-exported: eval.py is where users find the grader
 
 # -----------------------------------------------------------------------------
 # config

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import eval as ev  # noqa: E402
 from data import builtin_problems, builtin_tokenizer, load_eval  # noqa: E402
-from retool import ToolCall, Trajectory, build_model, generate, save_model  # noqa: E402
+from retool import ToolCall, Trajectory, build_model, save_model  # noqa: E402
 
 AIME24 = Path(__file__).resolve().parents[2] / "shared/data/AIME24.jsonl"
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _rl import (Critic, add_advantages, gae, group_advantages, minibatch_backward, rl_args, rl_main,
+from retool import (Critic, add_advantages, gae, group_advantages, minibatch_backward, rl_args, rl_main,
                  rl_step, rollout, rollout_metrics, score, timed)
-from _sft import make_optimizer
+from retool import make_optimizer
 from data import builtin_problems, builtin_tokenizer
 from retool import build_model, save_model
 from sandbox import Sandbox
@@ -214,7 +214,7 @@ def test_grpo_text_only_step(ckpt, tmp_path):
 def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
     script = tmp_path / "rl_entry.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                      "from _rl import rl_main\nsys.exit(rl_main(sys.argv[1:]))\n")
+                      "from retool import rl_main\nsys.exit(rl_main(sys.argv[1:]))\n")
     args = ["--model", ckpt, "--steps", "2", *small(prompts=4, mini_batches=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

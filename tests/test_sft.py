@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _sft import (lr_at, pack_documents, sft_loss_sum, sft_main, sft_step,
+from retool import (lr_at, pack_documents, sft_loss_sum, sft_main, sft_step,
                   token_logprobs)
 from data import builtin_tokenizer
 from retool import build_model, save_model
@@ -121,7 +121,7 @@ def test_resume_is_bit_identical(ckpt, tmp_path):
 def test_two_gloo_ranks_match_one_process_through_a_resume(ckpt, tmp_path):
     script = tmp_path / "sft_entry.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                      "from _sft import sft_main\nsys.exit(sft_main(sys.argv[1:]))\n")
+                      "from retool import sft_main\nsys.exit(sft_main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = run_args(ckpt, tmp_path / "two", "--steps", "4", "--micro-batch", "1")
     for extra in (["--stop-after", "2"], ["--resume"]):  # the sharded checkpoint round trip too
