@@ -854,6 +854,28 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
     return final
 
 
+def fresh_run(out_dir):
+    """A fresh run: stale checkpoints, TensorBoard events and metrics would mislead --resume and plots."""
+    for stale in ("checkpoints", "tb"):
+        shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+
+
+def save_final(out_dir, model, tokenizer, stage):
+    """The finished model (HF format) into out_dir beside metrics.jsonl and checkpoints/; collective
+    under FSDP. save_model replaces whole directories, so it is built aside and its files moved in."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tmp = os.path.join(out_dir, ".final")
+        save_model(model, tokenizer, tmp, state_dict=state)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+        os.rmdir(tmp)
+        print(f"{stage}: saved {out_dir}", file=sys.stderr)
+    barrier()
+
+
 def latest_checkpoint(out_dir):
     root = os.path.join(out_dir, "checkpoints")
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
@@ -1016,11 +1038,8 @@ def _sft_run(a):
         if state["extra"].get("n_rows") != n_rows:
             raise UsageError(f"--resume: {ckpt} was trained on other data ({state['extra'].get('n_rows')} rows)")
         start = state["step"]
-    elif rank == 0:  # a fresh run: stale checkpoints and metrics would mislead --resume and plots
-        for stale in ("checkpoints", "tb"):
-            shutil.rmtree(os.path.join(a.out, stale), ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(a.out, "metrics.jsonl"))
+    elif rank == 0:
+        fresh_run(a.out)
     log = MetricsLog(a.out, enabled=rank == 0)
     stop = min(steps, start + a.stop_after) if a.stop_after else steps
     share = a.batch // world
@@ -1045,16 +1064,8 @@ def _sft_run(a):
                             extra={"rows_seen": (step + 1) * a.batch, "n_rows": n_rows})
     bar.close()
     log.close()
-    if stop == steps:  # the finished model, next to metrics.jsonl and checkpoints/
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:  # save_model replaces whole dirs: build aside, then move the files in
-            tmp = os.path.join(a.out, ".final")
-            save_model(model, tok, tmp, state_dict=sd)
-            for f in os.listdir(tmp):
-                os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
-            os.rmdir(tmp)
-            print(f"sft: saved {a.out}", file=sys.stderr)
-    barrier()
+    if stop == steps:
+        save_final(a.out, model, tok, "sft")
     return 0
 
 
@@ -1466,10 +1477,8 @@ def _rl_run(a):
             set_optimizer_state_dict(critic, copt, state["extra"]["critic_opt"], options=full)
             if start <= a.critic_warmup:
                 opt.state.clear()  # still warming up: the policy's optimizer has not stepped
-    elif rank == 0:  # a fresh run: stale checkpoints would confuse a later --resume
-        shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(a.out, "metrics.jsonl"))
+    elif rank == 0:
+        fresh_run(a.out)
     if rank == 0:
         print(f"rl: {a.algo}{' text-only' if a.no_tools else ''} from {a.model}, {len(problems)} prompts, "
               f"{a.steps} steps of {a.prompts} x {a.n} rollouts, {world} rank(s) on {device}", file=sys.stderr)
@@ -1503,15 +1512,7 @@ def _rl_run(a):
                     opt.state.clear()  # saving gave the unused optimizer a zero step; Adam must start fresh
     bar.close()
     log.close()
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # save_model replaces whole dirs: build aside, then move the files in
-        tmp = os.path.join(a.out, ".final")
-        save_model(policy, tok, tmp, state_dict=sd)
-        for f in os.listdir(tmp):
-            os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
-        os.rmdir(tmp)
-        print(f"rl: saved {a.out}", file=sys.stderr)
-    barrier()
+    save_final(a.out, policy, tok, "rl")
     return 0
 
 
