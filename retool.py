@@ -981,11 +981,12 @@ def sft_args(argv):
     return a
 
 
-def sft_main(argv):
-    """`retool.py --stage sft ...`: returns the exit code (2 on a user mistake, one line)."""
-    threads = torch.get_num_threads()  # _sft_run may lower it; callers (tests) get theirs back
+def run_stage(run, parse, argv):
+    """A stage's exit code: 2 with one line on a user mistake. The caller (a test) gets its torch thread
+    count back (a stage lowers it on CPU) and no process group is left behind."""
+    threads = torch.get_num_threads()
     try:
-        return _sft_run(sft_args(argv))
+        return run(parse(argv))
     except (UsageError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -993,6 +994,11 @@ def sft_main(argv):
         torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def sft_main(argv):
+    """`retool.py --stage sft ...` -> exit code."""
+    return run_stage(_sft_run, sft_args, argv)
 
 
 def _sft_run(a):
@@ -1432,17 +1438,8 @@ def rl_args(argv):
 
 
 def rl_main(argv):
-    """`retool.py --stage rl ...`: returns the exit code (2 on a user mistake, one line)."""
-    threads = torch.get_num_threads()
-    try:
-        return _rl_run(rl_args(argv))
-    except (UsageError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)  # _rl_run may lower it on CPU; callers get theirs back
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """`retool.py --stage rl ...` -> exit code."""
+    return run_stage(_rl_run, rl_args, argv)
 
 
 def _rl_run(a):
