@@ -35,6 +35,11 @@ class EvalError(Exception):
     """A user mistake (bad path or flag): one line, exit 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 (in main), instead of argparse's usage block
+        raise EvalError(message)
+
+
 # -----------------------------------------------------------------------------
 # metrics: plain functions over trajectories, so tests can call them directly
 
@@ -159,8 +164,19 @@ def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
     return Path(max(found)[1])
 
 
-def run_one(model_dir: Path, args, problems, data_name: str) -> dict:
-    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl to its out dir."""
+def out_names(dirs) -> list:
+    """Output names for checkpoints, unique within one --compare: the directory's own name (of its
+    absolute path, so --model . names the cwd), its parent's prefixed where names clash
+    (runs/a/rl, runs/b/rl -> a-rl, b-rl), then a numeric suffix where they still do."""
+    paths = [Path(os.path.abspath(d)) for d in dirs]
+    names = [p.name or "root" for p in paths]
+    names = [f"{p.parent.name or 'root'}-{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def run_one(model_dir: Path, args, problems, data_name: str, name: str = None) -> dict:
+    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl to its out dir,
+    --out, or else out/eval/<name>-<data> (name: out_names' for this checkpoint)."""
     from retool import load_model
 
     if not model_dir.is_dir():
@@ -170,8 +186,8 @@ def run_one(model_dir: Path, args, problems, data_name: str) -> dict:
     res, trajs = evaluate(model, tokenizer, problems, k=args.k, temperature=args.temperature,
                           top_p=args.top_p, tools=not args.no_tools, max_new_tokens=args.max_new_tokens,
                           max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch)
-    out = Path(args.out) if args.out and not args.compare else \
-        Path(args.out or "out/eval") / f"{model_dir.name}-{data_name}{'-notools' if args.no_tools else ''}"
+    name = f"{name or out_names([model_dir])[0]}-{data_name}{'-notools' if args.no_tools else ''}"
+    out = Path(args.out) if args.out and not args.compare else Path(args.out or "out/eval") / name
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k)
                 for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed")}
@@ -236,7 +252,7 @@ def plot(metrics_path: Path) -> Path:
 # CLI
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory (default: the newest of out/rl, out/sft)")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="evaluate several checkpoints side by side")
     p.add_argument("--data", help="eval file (.jsonl/.json/.parquet; default: the built-in test set)")
@@ -255,8 +271,8 @@ def parse_args(argv):
     args.k = args.k if args.k is not None else (32 if args.data else 1)
     for flag in ("k", "max_new_tokens", "batch", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_tool_calls < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_tool_calls < 0 or not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:
         p.error("need --max-tool-calls >= 0, --temperature >= 0 and 0 < --top-p <= 1")
     if args.model and args.compare:
         p.error("give --model or --compare, not both")
@@ -264,11 +280,11 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     from data import DataError, builtin_problems, load_eval
     from retool import ModelError
 
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.plot:
             print(f"wrote {plot(Path(args.plot))}")
             return 0
@@ -280,7 +296,8 @@ def main(argv=None):
         if not problems:
             raise EvalError(f"--data {args.data}: no problems")
         models = args.compare or [args.model or newest_checkpoint()]
-        rows = [(str(d), run_one(Path(d), args, problems, data_name)) for d in models]
+        rows = [(str(d), run_one(Path(d), args, problems, data_name, name))
+                for d, name in zip(models, out_names(models))]
     except (EvalError, DataError, ModelError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

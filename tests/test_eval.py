@@ -3,6 +3,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,11 +158,25 @@ def test_compare_and_default_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, 
     os.makedirs("out")
     os.symlink(tiny_checkpoint, "out/sft")
     assert ev.newest_checkpoint() == Path("out/sft")
-    assert ev.main(["--compare", str(tiny_checkpoint), "out/sft", "--limit", "2", "--k", "1",
+    os.makedirs("runs/b")
+    os.symlink(tiny_checkpoint, "runs/b/sft")  # the same basename as out/sft: its own output dir
+    assert ev.main(["--compare", str(tiny_checkpoint), "out/sft", "runs/b/sft", "--limit", "2", "--k", "1",
                     "--max-new-tokens", "8", "--no-tools"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert sum(line.startswith("| ") for line in table) == 3  # header + two checkpoints
+    assert sum(line.startswith("| ") for line in table) == 4  # header + three checkpoints
     assert Path("out/eval/compare-builtin-test.md").is_file()
+    for name, model in (("tiny", str(tiny_checkpoint)), ("out-sft", "out/sft"), ("b-sft", "runs/b/sft")):
+        results = Path(f"out/eval/{name}-builtin-test-notools/results.json")
+        assert json.loads(results.read_text())["model"] == model
+
+
+def test_out_names_are_the_resolved_names_and_unique(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ev.out_names(["."]) == [tmp_path.name] and ev.out_names(["out/rl/"]) == ["rl"]
+    assert ev.out_names(["out/sft", "out/rl"]) == ["sft", "rl"]
+    assert ev.out_names(["runs/a/rl", "runs/b/rl", "runs/c/sft"]) == ["a-rl", "b-rl", "sft"]
+    assert ev.out_names(["x/rl", "x/rl/", "y/rl", "x/../x/rl"]) == ["x-rl-1", "x-rl-2", "y-rl", "x-rl-3"]
+    assert ev.out_names(["a/rl", "b/rl", "c/a-rl"]) == ["a-rl-1", "b-rl", "a-rl-2"]
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -176,12 +192,24 @@ def test_user_mistakes_exit_2_with_one_line(argv, needle, capsys, tmp_path, monk
     assert len(err.splitlines()) == 1 and needle in err and err.startswith("eval.py: error:")
 
 
-@pytest.mark.parametrize("argv", [["--k", "0"], ["--top-p", "0"], ["--model", "a", "--compare", "b"],
-                                  ["--bogus"]])
-def test_bad_flags_exit_2(argv):
-    with pytest.raises(SystemExit) as e:
-        ev.parse_args(argv)
-    assert e.value.code == 2
+@pytest.mark.parametrize("argv,needle", [
+    (["--bogus"], "--bogus"), (["--k", "0"], "--k"), (["--k", "abc"], "abc"), (["--k", "-3"], "--k"),
+    (["--k"], "--k"), (["--limit", "0"], "--limit"), (["--batch", "0"], "--batch"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-tool-calls", "-1"], "--max-tool-calls"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--seed", "x"], "--seed"),
+    (["--model", "a", "--compare", "b"], "not both")])
+def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("eval.py: error:") and needle in err
+
+
+def test_bad_flag_from_the_command_line_is_one_line():
+    r = subprocess.run([sys.executable, "eval.py", "--bogus"], cwd=Path(ev.__file__).parent,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "eval.py: error: unrecognized arguments: --bogus\n"
 
 
 def test_plot_training_curves(tmp_path, capsys):
