@@ -4,7 +4,6 @@ The trace format is the ReTool one: the model writes `<code>\n```python\n...\n``
 engine appends `interpreter_block(feedback)` as token ids, the model goes on and ends with
 `\\boxed{answer}` and EOS. `tokenize_trace` rebuilds exactly that id stream for SFT.
 """
-import cmath
 import hashlib
 import json
 import math
@@ -118,14 +117,25 @@ def read_rows(path) -> list[dict]:
     return [row for _, row in _rows(path)]
 
 
+def _key(d, key):
+    """d[key], else the value of a key equal to it up to case (AIME files: `Problem`, `Answer`)."""
+    if not isinstance(d, dict):
+        return None
+    return d[key] if key in d else next((v for k, v in d.items() if str(k).lower() == key), None)
+
+
 def _get(row: dict, names: tuple[str, ...], where: str) -> str:
-    """First present, non-empty field among `names` (dotted names reach into dicts), as a string."""
+    """First present, non-empty field among `names` (dotted names reach into dicts), as a string;
+    only strings and numbers count (a column-shaped file or a list answer is an error)."""
     for name in names:
         value = row
         for key in name.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
+            value = _key(value, key)
         if isinstance(value, list) and value and isinstance(value[-1], dict):  # chat-form prompt
             value = value[-1].get("content")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise DataError(f"{where}: field '{name}' must be a string or a number, "
+                            f"got {type(value).__name__}")
         if value is not None and str(value).strip():
             return str(value)
     also = ", ".join(f"'{n}'" for n in names[1:])
@@ -489,6 +499,8 @@ def _normalize(s):
     s = re.sub(r"\s+", "", s).rstrip(".")
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
         s = s.replace(",", "")
+    if m := re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # mixed number 2\frac{1}{3}
+        s = f"{m[1]}\\frac{{{int(m[2]) * int(m[4]) + int(m[3])}}}{{{m[4]}}}"
     return s
 
 
@@ -534,7 +546,8 @@ def _elements(s):
 
 
 def _to_sympy_src(s):
-    for _ in range(3):  # nested fractions / roots, innermost first
+    for _ in range(3):  # nested powers / fractions / roots, innermost first
+        s = re.sub(r"\^\{([^{}]*)\}", r"**(\1)", s)
         s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
         s = re.sub(r"\\sqrt\[([^\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", s)
         s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
@@ -553,18 +566,22 @@ def _to_sympy_src(s):
 def _sympy_equal(a, b):
     import sympy
     from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
-                                            standard_transformations)
+                                            rationalize, standard_transformations)
     sa, sb = _to_sympy_src(a), _to_sympy_src(b)
     if sa is None or sb is None:
         return False
-    tr = standard_transformations + (implicit_multiplication_application,)
+    tr = standard_transformations + (implicit_multiplication_application, rationalize)  # 0.1 = 1/10
     ea, eb = (parse_expr(x, transformations=tr, evaluate=False) for x in (sa, sb))
     if ea.free_symbols or eb.free_symbols:
         return sympy.simplify(ea - eb) == 0
-    va, vb = complex(sympy.N(ea, 30)), complex(sympy.N(eb, 30))
-    if not (cmath.isfinite(va) and cmath.isfinite(vb)):
-        return ea == eb  # infinities or overflow: only the same expression counts
-    return abs(va - vb) <= 1e-9 * max(1.0, abs(vb))
+    va, vb = sympy.N(ea, 50), sympy.N(eb, 50)
+    if not all(v == 0 or 1e-300 < abs(v) < 1e300 for v in (va, vb)):
+        return ea == eb  # infinities, or too big / small to work out exactly: the same expression only
+    scale = max(abs(va), abs(vb), 1e-100)  # evalf gives an exact 0 as noise, ~1e-159
+    if abs(va - vb) > 1e-9 * scale:
+        return False
+    d = sympy.simplify(ea - eb)  # exact; a tolerance (40 digits) only where d stays irrational
+    return d == 0 if d.is_Rational else abs(sympy.N(d, 50)) <= 1e-40 * scale
 
 
 def _with_timeout(fn, *args):
@@ -574,7 +591,7 @@ def _with_timeout(fn, *args):
         def _raise(*_):
             raise _Timeout
         old = signal.signal(signal.SIGALRM, _raise)
-        signal.setitimer(signal.ITIMER_REAL, SYMPY_TIMEOUT)
+        caller = signal.setitimer(signal.ITIMER_REAL, SYMPY_TIMEOUT)
         try:
             return bool(fn(*args))
         except (Exception, _Timeout):
@@ -582,6 +599,7 @@ def _with_timeout(fn, *args):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+            signal.setitimer(signal.ITIMER_REAL, *caller)  # a caller's own timer, as it was
     box = [False]
     def _run():
         try:

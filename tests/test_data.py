@@ -118,6 +118,13 @@ def test_public_dataset_shapes(tmp_path):
     assert error(load_sft, path) == f"{path}:1: message 2: a tool call without a 'code' argument"
 
 
+def test_capitalised_aime_fields(tmp_path):
+    # the common AIME 2024 files: {"ID": ..., "Problem": ..., "Answer": ...}
+    path = write(tmp_path / "aime.jsonl", [{"ID": "2024-I-1", "Problem": "P1", "Answer": 204},
+                                           {"Question": "P2", "OUTPUT": "7"}])
+    assert load_eval(path) == [Problem("P1", "204"), Problem("P2", "7")]
+
+
 def test_real_aime_files():
     for name in ("AIME24.jsonl", "AIME25.jsonl"):
         problems = load_eval(SHARED / name)
@@ -137,6 +144,13 @@ def test_error_messages(tmp_path):
     assert error(load_rl, bad).startswith(f"{bad}:1: missing field 'problem'")
     write(bad, [[1, 2]])
     assert error(read_rows, bad) == f"{bad}:1: expected a JSON object, got list"
+    write(bad, [{"problem": "a", "answer": []}])
+    assert error(load_eval, bad) == f"{bad}:1: field 'answer' must be a string or a number, got list"
+    write(bad, [{"problem": "a", "answer": True}])
+    assert error(load_rl, bad) == f"{bad}:1: field 'answer' must be a string or a number, got bool"
+    columns = tmp_path / "columns.json"  # column-shaped, as some exports write it: not one row
+    columns.write_text(json.dumps({"problem": ["q1", "q2"], "answer": ["1", "2"]}))
+    assert error(load_eval, columns) == f"{columns}:1: field 'problem' must be a string or a number, got list"
     bad.write_text("\n\n")
     assert error(read_rows, bad) == f"{bad}: empty file"
     csv = tmp_path / "x.csv"

@@ -23,6 +23,10 @@ EQUAL = [
     ("x+1", "1+x"), ("2x+1", "1+2x"), ("x^{2}+2x+1", "(x+1)^2"), ("\\frac{x}{2}", "0.5x"),
     ("\\$5", "5"), ("−7", "-7"),
     ("2\\cdot 3", "6"), ("2 \\times 3", "6"), ("\\infty", "\\infty"), ("e", "e"),
+    ("\\frac{1}{2^{10}}", "1/1024"), ("\\frac{\\pi^{2}}{6}", "\\pi^2/6"),  # braces inside \frac / \sqrt
+    ("\\sqrt{x^{2}+1}", "\\sqrt{x^2+1}"), ("2\\frac{1}{3}", "\\frac{7}{3}"), ("-1\\frac12", "-1.5"),
+    ("2^{100}", "1267650600228229401496703205376"), ("0.1\\pi", "\\frac{\\pi}{10}"),
+    ("\\sqrt{2}\\sqrt{2}-2", "0"), ("\\sqrt{5+2\\sqrt{6}}", "\\sqrt{2}+\\sqrt{3}"),
 ]
 
 NOT_EQUAL = [
@@ -32,6 +36,10 @@ NOT_EQUAL = [
     ("\\pi", "3.14"), ("2\\pi", "\\pi"), ("\\frac{1}{2}", "\\frac{2}{1}"), ("", "0"), (" ", " "),
     ("\\sqrt{3}", "3"), ("0.5", "5"), ("-\\infty", "\\infty"), ("10\\%", "1"), ("e", "2.718"),
     ("__import__('os').system('echo hi')", "0"), ("9^{9^{9}}", "9^{9^{9}}+1"),
+    # exact, not within a float tolerance
+    ("10^{-10}", "0"), ("10^{-9}", "2\\cdot10^{-9}"), ("2^{100}", "1267650600228229401496703205377"),
+    ("1000^{3}", "1000000001"), ("2^{200}", "2^{200}+1"), ("10^{-200}", "0"),
+    ("\\pi", "3.14159265358979323846"), ("2\\frac{1}{3}", "\\frac{2}{3}"),  # a mixed number
 ]
 
 
@@ -100,6 +108,19 @@ def test_time_cap_main_thread_and_worker_thread(monkeypatch):
     worker.start()
     worker.join()
     assert out == [(False, True)]  # thread path: abandoned on timeout, still grades
+
+
+def test_time_cap_restores_a_callers_timer(monkeypatch):
+    import signal
+    monkeypatch.setattr(data, "SYMPY_TIMEOUT", 0.2)
+    old = signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, 100)
+    try:
+        assert is_equiv("\\frac{\\pi}{2}", "\\pi/2")
+        assert 90 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_grades_in_threads_like_a_reward_pool():
