@@ -144,7 +144,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.h_kv, self.d)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        out = attend(rotate(q, cos, sin), rotate(k, cos, sin), v, self.layer)  # (B, T, H, D)
+        # rotary in the tables' precision, attention in v's dtype (bf16 under autocast: flash-eligible)
+        q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
+        out = attend(q, k, v, self.layer)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, self.h * self.d))
 
 
@@ -194,11 +196,25 @@ def packed_attention(q, k, v, document_ids):
         out = flash_attn()[0](q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                               cu, cu, longest, longest, causal=True)
         return out.view(B, T, H, D)
+    if q.is_cuda:
+        return segment_attention(q, k, v, document_ids)
     i = torch.arange(T, device=q.device)
     mask = (document_ids[:, :, None] == document_ids[:, None, :]) & (i[None, :, None] >= i[None, None, :])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask[:, None], enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def segment_attention(q, k, v, document_ids):
+    """The same, one causal SDPA call per document: no (T, T) mask, so on CUDA SDPA's flash or
+    memory-efficient kernel serves 16k-token packed rows."""
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        ids = document_ids[b]
+        cuts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist() + [len(ids)]
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            out[b, s:e] = causal_attention(q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e], None)[0]
+    return out
 
 
 def causal_attention(q, k, v, layer):  # a plain batch: every row is one document
@@ -431,7 +447,8 @@ def sample(logits, temperature, top_p, top_k, uniforms):
     # its seed only, never on which other rows share the batch (or the rank).
     cdf = logp.exp().cumsum(-1)
     u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=logits.size(-1) - 1)
+    last = (logp > float("-inf")).long().cumsum(-1).argmax(-1)  # (R,) the last token still allowed
+    tokens = torch.minimum(torch.searchsorted(cdf, u, right=True)[:, 0], last)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -458,14 +475,19 @@ CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
 
 def extract_code(text: str) -> str:
     """The last ```python block of the last <code> span (the official harness's rule)."""
-    span = text[text.rfind("<code>") + len("<code>"):].removesuffix("</code>")
+    start = text.rfind("<code>")
+    span = (text[start + len("<code>"):] if start >= 0 else text).removesuffix("</code>")
     blocks = CODE_BLOCK.findall(span)
     return blocks[-1] if blocks else span.strip().strip("`")
 
 
 @lru_cache(maxsize=8)
-def token_strings(tokenizer) -> list:
-    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+def token_texts(tokenizer) -> list:
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+
+
+def decode(tokenizer, ids, **kw) -> str:  # code must come back exactly: no "clean-up" of its spaces
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False, **kw)
 
 
 def stop_ids(tokenizer) -> set:
@@ -480,7 +502,9 @@ def stop_ids(tokenizer) -> set:
 def run_tool(tool, codes):
     """A tool failure of any kind becomes the feedback of its calls, never a crashed rollout."""
     try:
-        results = tool(codes)
+        results = list(tool(codes))
+        if len(results) != len(codes):
+            raise ValueError(f"the tool answered {len(results)} results for {len(codes)} calls")
         return [(r, "ok") if isinstance(r, str) else (r.feedback, r.status) for r in results]
     except Exception as e:  # noqa: BLE001
         return [(f"{type(e).__name__}: {e}", "internal")] * len(codes)
@@ -499,6 +523,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     prompts = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
     if not prompts:
         return []
+    if not all(prompts):
+        raise ValueError("generate: empty prompt (a prompt needs at least one token)")
     seeds = seed if isinstance(seed, (list, tuple)) else [
         None if seed is None else seed * 1_000_003 + i for i in range(len(prompts))]
     param = next(model.parameters())
@@ -508,11 +534,11 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     if max(map(len, prompts)) >= max_total_len:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens does not fit max_total_len={max_total_len}")
     slots = min(max_batch, n)
-    cache = KVCache(model.config, slots, max_total_len + 1, device, param.dtype)
+    cuda = device.type == "cuda"  # rollouts in bf16 there (cache and matmuls), even for fp32 training weights
+    cache = KVCache(model.config, slots, max_total_len + 1, device, torch.bfloat16 if cuda else param.dtype)
     eos, tails = stop_ids(tokenizer), tuple(stop) + (("</code>",) if tool else ())
     # Only a token that contains a tail's last character can complete it: skip the decode otherwise.
-    vocab = token_strings(tokenizer)
-    may_end = {i for i, s in enumerate(vocab) if s and any(t[-1] in s for t in tails)}
+    may_end = {i for i, s in enumerate(token_texts(tokenizer)) if any(t[-1] in s for t in tails)}
     window = max((len(t) for t in tails), default=0) + 1
 
     results = [Trajectory(prompt_ids=p) for p in prompts]
@@ -542,15 +568,15 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         pending[i] = [token]
         if token not in may_end:
             return
-        tail = tokenizer.decode(t.response_ids[-window:])
-        done = [s for s in tails if s in tail and s not in tokenizer.decode(t.response_ids[-window:-1])]
+        tail, before = decode(tokenizer, t.response_ids[-window:]), decode(tokenizer, t.response_ids[-window:-1])
+        done = [s for s in tails if tail.count(s) > before.count(s)]  # the newest token completed one
         if not done:
             return
         if done[0] != "</code>":
             return finish(i, "stop")
         if len(t.tool_calls) >= max_tool_calls:
             return finish(i, "max_tool_calls")
-        t.tool_calls.append(ToolCall(extract_code(tokenizer.decode(t.response_ids)), "", ""))
+        t.tool_calls.append(ToolCall(extract_code(decode(tokenizer, t.response_ids)), "", ""))
         pending[i] = None  # the row sits out until its feedback arrives; its token is fed with it
         paused.append(i)
 
@@ -561,7 +587,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         slots_ = [row.index(i) for i in indices]
         cache.prepare(torch.tensor(slots_, device=device), torch.tensor([len(c) for c in chunks], device=device),
                       T, prefix=slots_ == list(range(len(slots_))))
-        logits = model(ids, cache=cache)[:, -1].float()  # (R, V)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(ids, cache=cache)[:, -1].float()  # (R, V)
         cache.commit()
         uniforms = torch.tensor([rng[i].random() for i in indices])
         tokens, logps = sample(logits, temperature, top_p, top_k, uniforms)
@@ -603,7 +630,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
     for t in results:
-        t.text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
+        t.text = decode(tokenizer, t.response_ids, skip_special_tokens=True)
     return results
 
 

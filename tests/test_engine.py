@@ -137,3 +137,52 @@ def test_caps_end_trajectories_and_say_so(tokenizer, memorized):
 def test_extract_code_takes_the_last_python_block():
     text = "x <code>\n```python\na=1\n```\n</code> y <code>\n```python\nb=2\n```\n```python\nc=3\n```\n</code>"
     assert retool.extract_code(text) == "c=3\n"
+
+
+def test_sampling_never_picks_a_filtered_token_at_u_near_one():
+    logits = torch.tensor([[5.0, 4.0, -1e9, -1e9]])
+    tokens, logps = retool.sample(logits, 1.0, 0.9, 0, torch.tensor([1 - 2**-26], dtype=torch.float64))
+    assert tokens.item() in (0, 1) and torch.isfinite(logps).all()
+
+
+def test_stop_strings_ending_in_whitespace_fire(tokenizer, memorized):
+    model, _, _ = memorized
+    prompt = data.render_prompt(tokenizer, "What is 6*7+1?")
+    t = retool.generate(model, tokenizer, [prompt], max_new_tokens=80, temperature=0, stop=["```python\n"])[0]
+    # stops at the token that completes the string (here "\nprint(" completes "```python\n")
+    assert t.finish_reason == "stop" and t.text.startswith("<code>\n```python\n") and "6*7" not in t.text
+
+
+def test_bad_prompts_and_tools_fail_loudly_instead_of_hanging(tokenizer, memorized):
+    model, _, _ = memorized
+    with pytest.raises(ValueError, match="empty prompt"):
+        retool.generate(model, tokenizer, [[]], max_new_tokens=4)
+    prompt = data.render_prompt(tokenizer, "What is 6*7+1?")
+    t = retool.generate(model, tokenizer, [prompt], max_new_tokens=80, temperature=0, tool=lambda codes: [])[0]
+    assert t.tool_calls[0].status == "internal" and "0 results for 1 calls" in t.tool_calls[0].feedback
+    assert retool.extract_code("abcdefghij</code>") == "abcdefghij"
+
+
+def test_autocast_hands_attention_one_dtype():
+    """Under bf16 autocast q and k must reach attention in bf16 like v (fp32 rotary tables would
+    promote them, and flash kernels would never be chosen)."""
+    model = tiny(data.builtin_tokenizer(), seed=2)
+    seen = []
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, document_ids=torch.zeros_like(ids))
+    original = retool.packed_attention
+    try:
+        retool.packed_attention = lambda q, k, v, d: seen.append((q.dtype, k.dtype, v.dtype)) or original(q, k, v, d)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, document_ids=torch.zeros_like(ids))
+    finally:
+        retool.packed_attention = original
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)
+
+
+def test_segment_attention_equals_the_masked_form():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 12, 4, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g)
+    docs = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 3, [0] * 12])
+    assert (retool.segment_attention(q, k, v, docs) - retool.packed_attention(q, k, v, docs)).abs().max() < 1e-5

@@ -114,7 +114,7 @@ def test_evaluate_with_real_sandbox_counts_calls():
     m = res["metrics"]
     assert len(trajs) == 4 and m["samples"] == 4
     assert all(len(t.tool_calls) == 2 and t.finish_reason == "max_tool_calls" for t in trajs)
-    assert all(c.status and c.feedback for t in trajs for c in t.tool_calls)  # the sandbox answered
+    assert all(c.status in ("ok", "error") for t in trajs for c in t.tool_calls)  # the sandbox ran each
     assert m["code_ratio"] == 1.0 and m["calls_per_response"] == 2.0
     assert m["finish_reasons"] == {"max_tool_calls": 4}
     statuses = [c.status for t in trajs for c in t.tool_calls]
