@@ -287,6 +287,16 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else "model." + name
 
 
+def read_json(path: Path, what: str = "a JSON object") -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected {what}")
+    return value
+
+
 def load_model(path, device=None, dtype=None):
     """A local HF checkpoint directory -> (model, tokenizer), without a transformers model."""
     from safetensors import safe_open
@@ -295,10 +305,13 @@ def load_model(path, device=None, dtype=None):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (not a model directory)")
-    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    config = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index}: no 'weight_map' object")
+        files = sorted(set(map(str, weight_map.values())))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -311,8 +324,11 @@ def load_model(path, device=None, dtype=None):
     for f in files:
         if not (path / f).is_file():
             raise ModelError(f"{path / f}: missing weight shard")
-        with safe_open(str(path / f), framework="pt", device="cpu") as sf:
-            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+        try:
+            with safe_open(str(path / f), framework="pt", device="cpu") as sf:
+                tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+        except Exception as e:  # noqa: BLE001  safetensors raises its own error type for a corrupt file
+            raise ModelError(f"{path / f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     state = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         key = hf_name(name)
@@ -330,11 +346,11 @@ def load_model(path, device=None, dtype=None):
     # A tokenizer saved as a plain tokenizer.json (the built-in one) must load as exactly that:
     # AutoTokenizer would follow config.json's model_type and swap in Qwen2's pre-tokenizer.
     tok_cfg = path / "tokenizer_config.json"
-    plain = tok_cfg.is_file() and json.loads(tok_cfg.read_text()).get("tokenizer_class") in (
+    plain = tok_cfg.is_file() and read_json(tok_cfg).get("tokenizer_class") in (
         "TokenizersBackend", "PreTrainedTokenizerFast")
     try:
         tokenizer = (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(str(path))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  tokenizers' own errors on a corrupt tokenizer.json
         raise ModelError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     return model, tokenizer
 

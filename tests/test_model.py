@@ -76,6 +76,16 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(retool.ModelError, match="no model.safetensors"):
         retool.load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_text("garbage")
+    with pytest.raises(retool.ModelError, match="not a readable safetensors file"):
+        retool.load_model(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[1]")
+    with pytest.raises(retool.ModelError, match="expected a JSON object"):
+        retool.load_model(tmp_path)
+    for bad in ("{bad", "[1]"):
+        (tmp_path / "config.json").write_text(bad)
+        with pytest.raises(retool.ModelError, match="config.json: (unreadable|expected)"):
+            retool.load_model(tmp_path)
 
 
 def tiny_model(seed=0, **kw):
