@@ -415,20 +415,21 @@ class KVCache:
         self.positions = (self.total[:, None] - T + i).clamp(min=0)  # (R, T)
         self.valid = i[None, :] >= (T - n_new)[:, None]  # (R, T) real tokens
         self.width = int(self.total.max())
+        # Shared by every layer: where the real tokens go, and the (R, 1, T, L) bottom-right causal mask.
+        self.slot, self.pos = rows[:, None].expand_as(self.valid)[self.valid], self.positions[self.valid]
+        self.mask = (torch.arange(self.width, device=rows.device) <= self.positions[:, :, None])[:, None]
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
-        slot = self.rows[:, None].expand_as(self.valid)[self.valid]
-        self.k[layer][slot, self.positions[self.valid]] = k[self.valid]
-        self.v[layer][slot, self.positions[self.valid]] = v[self.valid]
+        self.k[layer][self.slot, self.pos] = k[self.valid]
+        self.v[layer][self.slot, self.pos] = v[self.valid]
         if use_flash(q):
             return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=self.total.int(),
                                    cache_batch_idx=self.rows.int(), causal=True)
         R, L = len(self.rows), self.width
         kc = self.k[layer, :R, :L] if self.prefix else self.k[layer, self.rows, :L]  # (R, L, H_kv, D)
         vc = self.v[layer, :R, :L] if self.prefix else self.v[layer, self.rows, :L]
-        mask = torch.arange(L, device=q.device)[None, None, :] <= self.positions[:, :, None]  # (R, T, L)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                             attn_mask=mask[:, None], enable_gqa=True)
+                                             attn_mask=self.mask, enable_gqa=True)
         return out.transpose(1, 2)
 
     def commit(self):
