@@ -40,6 +40,34 @@ from data import (DataError, builtin_problems, builtin_sft_traces, builtin_token
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------------------------
+# Config: the presets. Without --model the stages train the built-in tiny model on the built-in
+# task (CPU, minutes); with --model they use the paper's settings for a real checkpoint.
+
+# The built-in tiny model (0.9M parameters), Qwen2-shaped; vocab_size comes from the tokenizer.
+TINY_CONFIG = {
+    "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+}
+# Its training: small batches, many optimizer steps (what makes a tiny model learn to copy digits).
+# Code share 0.6: the model learns both strategies and picks code about 60% of the time, so RL has
+# a choice to learn (code works, mental arithmetic does not). Measured: 4.0 minutes on 2 cores,
+# 58.5% right on 200 held-out problems (every code answer's code ran; 97% of those right).
+TINY_TRAIN = {"n_traces": 20000, "code_share": 0.6, "steps": 1200, "batch": 8, "pack_len": 256,
+              "lr": 2e-3}
+# Fine-tuning a real checkpoint: the paper's 2 epochs; lr, batch and length from verl's reproduction.
+REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
+# RL: the tiny model learns fast at a large lr; real checkpoints get the paper's settings (lr 1e-6,
+# critic lr 2e-6, critic warm-up 20, 400 steps)
+RL_PRESETS = {
+    "tiny": dict(lr=1e-4, critic_lr=1e-3, steps=50, prompts=16, n=8, max_new_tokens=200,
+                 critic_warmup=2, mini_batches=2, micro_batch=64),
+    "real": dict(lr=1e-6, critic_lr=2e-6, steps=400, prompts=64, n=16, max_new_tokens=16000,
+                 critic_warmup=20, mini_batches=2, micro_batch=4),
+}
+
+
+# -----------------------------------------------------------------------------------------------
 # Model: a Llama/Qwen-family decoder in plain torch, weight names identical to transformers'.
 
 
@@ -657,22 +685,6 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
 # checkpoints, metrics).
 
 
-# The built-in tiny model (0.9M parameters), Qwen2-shaped; vocab_size comes from the tokenizer.
-TINY_CONFIG = {
-    "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
-}
-# Its training: small batches, many optimizer steps (what makes a tiny model learn to copy digits).
-# Code share 0.6: the model learns both strategies and picks code about 60% of the time, so RL has
-# a choice to learn (code works, mental arithmetic does not). Measured: 3.7 minutes on 2 cores,
-# 58.5% right on 200 held-out problems (every code answer's code ran; 97% of those right).
-TINY_TRAIN = {"n_traces": 20000, "code_share": 0.6, "steps": 1200, "batch": 8, "pack_len": 256,
-              "lr": 2e-3}
-# Fine-tuning a real checkpoint: the paper's 2 epochs; lr, batch and length from verl's reproduction.
-REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
-
-
 # --- distributed -------------------------------------------------------------------------------
 
 def setup_distributed():
@@ -1125,15 +1137,6 @@ def _sft_run(a):
 # reward from the grader; old log-probs (and values) from a training forward of the same modules;
 # advantages; PPO epochs over mini-batches. Interpreter tokens (loss mask 0) are context only:
 # they never enter the policy loss, value loss, KL or entropy.
-
-
-# the built-in tiny model learns fast at a large lr; real checkpoints get the paper's settings
-RL_PRESETS = {
-    "tiny": dict(lr=1e-4, critic_lr=1e-3, steps=50, prompts=16, n=8, max_new_tokens=200,
-                 critic_warmup=2, mini_batches=2, micro_batch=64),
-    "real": dict(lr=1e-6, critic_lr=2e-6, steps=400, prompts=64, n=16, max_new_tokens=16000,
-                 critic_warmup=20, mini_batches=2, micro_batch=4),
-}
 
 
 # ----------------------------------------------------------------------------- advantages
