@@ -63,7 +63,7 @@ RL_PRESETS = {
     "tiny": dict(lr=1e-4, critic_lr=1e-3, steps=50, prompts=16, n=8, max_new_tokens=200,
                  critic_warmup=2, mini_batches=2, micro_batch=64),
     "real": dict(lr=1e-6, critic_lr=2e-6, steps=400, prompts=64, n=16, max_new_tokens=16000,
-                 critic_warmup=20, mini_batches=2, micro_batch=4),
+                 critic_warmup=20, mini_batches=2, micro_batch=1),
 }
 
 
@@ -1172,13 +1172,19 @@ def group_advantages(rewards, n, std=True, eps=1e-6):
 
 # ----------------------------------------------------------------------------- losses
 
-def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True):
+def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True, chunk=1024):
     """(B, L) ids -> next-token log-probs (B, L-1) and entropies (B, L-1) under the temperature the
     rollouts were sampled at; position t scores ids[:, t + 1]. The same op order for the old and
-    the new log-probs, so the first PPO ratio is exactly 1."""
-    logp = torch.log_softmax(model(ids)[:, :-1].float() / temperature, -1)  # (B, L-1, V)
-    lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+    the new log-probs, so the first PPO ratio is exactly 1. The float32 (., V) temporaries are made
+    `chunk` positions at a time: at 16k tokens and a 152k vocabulary the whole would be 10 GB each."""
+    logits = model(ids)[:, :-1]  # (B, L-1, V) in the compute dtype
+    lps, ents = [], []
+    for s in range(0, logits.shape[1], chunk):
+        logp = torch.log_softmax(logits[:, s:s + chunk].float() / temperature, -1)  # (B, chunk, V)
+        lps.append(logp.gather(-1, ids[:, s + 1:s + 1 + chunk, None]).squeeze(-1))
+        if with_entropy:
+            ents.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(lps, 1), (torch.cat(ents, 1) if with_entropy else None)
 
 
 def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=10.0):

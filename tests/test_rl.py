@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from retool import (Critic, add_advantages, gae, group_advantages, minibatch_backward, rl_args, rl_main,
                  rl_step, rollout, rollout_metrics, score, timed)
+import retool
 from retool import make_optimizer
 from data import builtin_problems, builtin_tokenizer
 from retool import build_model, save_model
@@ -136,7 +137,7 @@ def test_interpreter_positions_get_exactly_zero_gradient(ckpt, tok):
     policy, critic = models(tok)
     ref = build_model({**TINY, "vocab_size": len(tok)}, 1)
     records = fake_records([1, -1, 1], len(tok))
-    a = rl_args(["--model", ckpt, "--rollouts", "3", "--kl-coef", "0.5"])
+    a = rl_args(["--model", ckpt, "--rollouts", "3", "--kl-coef", "0.5", "--micro-batch", "4"])
     score(records, policy, critic, ref, a, torch.device("cpu"))
     add_advantages(records, a)
     seen = []
@@ -243,3 +244,14 @@ def test_missing_sft_checkpoint_says_run_sft_first(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert rl_main([]) == 2
     assert "--stage sft" in capsys.readouterr().err
+
+
+def test_chunked_logprobs_equal_the_whole():
+    torch.manual_seed(0)
+    model = retool.build_model({"model_type": "qwen2", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, 0)
+    ids = torch.randint(0, 50, (3, 23))
+    whole_lp, whole_ent = retool.logprobs_entropy(model, ids, 0.7, chunk=10_000)
+    lp, ent = retool.logprobs_entropy(model, ids, 0.7, chunk=5)
+    assert lp.shape == ent.shape == (3, 22)
+    assert torch.equal(lp, whole_lp) and torch.equal(ent, whole_ent)
