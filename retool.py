@@ -958,12 +958,19 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
 
 class MetricsLog:
     """One JSON object per log() appended to out_dir/metrics.jsonl (rank 0 only), mirrored to
-    TensorBoard under out_dir/tb when tensorboard is installed."""
+    TensorBoard under out_dir/tb when tensorboard is installed. A run resumed at step `start` first
+    drops the lines of later steps (logged after that checkpoint by the interrupted run)."""
 
-    def __init__(self, out_dir, enabled=True):
+    def __init__(self, out_dir, enabled=True, start=0):
         self.path, self.tb = (os.path.join(out_dir, "metrics.jsonl") if enabled else None), None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    kept = [line for line in f if json.loads(line)["step"] <= start]
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
@@ -1102,7 +1109,7 @@ def _sft_run(a):
         start = state["step"]
     elif rank == 0:
         fresh_run(a.out)
-    log = MetricsLog(a.out, enabled=rank == 0)
+    log = MetricsLog(a.out, enabled=rank == 0, start=start)
     stop = min(steps, start + a.stop_after) if a.stop_after else steps
     share = a.batch // world
     bar = tqdm(total=steps, initial=start, desc="sft", disable=rank != 0, dynamic_ncols=True)
@@ -1532,7 +1539,7 @@ def _rl_run(a):
     if rank == 0:
         print(f"rl: {a.algo}{' text-only' if a.no_tools else ''} from {a.model}, {len(problems)} prompts, "
               f"{a.steps} steps of {a.prompts} x {a.n} rollouts, {world} rank(s) on {device}", file=sys.stderr)
-    log = MetricsLog(a.out, enabled=rank == 0)
+    log = MetricsLog(a.out, enabled=rank == 0, start=start)
     bar = tqdm(total=a.steps, initial=start, desc="rl", disable=rank != 0, dynamic_ncols=True)
     sandbox = contextlib.nullcontext() if a.no_tools else Sandbox()  # one for the whole run
     with sandbox as sb:

@@ -112,6 +112,8 @@ def test_resume_is_bit_identical(ckpt, tmp_path):
     assert sft_main(run_args(ckpt, split, "--stop-after", "3")) == 0
     assert not (split / "model.safetensors").exists()
     assert (split / "checkpoints" / "step_0000003" / "train_state.pt").is_file()
+    with open(split / "metrics.jsonl", "a") as f:  # a crash after step 4 was logged, before its checkpoint
+        f.write('{"step": 4, "loss": 99.0}\n')
     assert sft_main(run_args(ckpt, split, "--resume")) == 0
     a, b = load_file(whole / "model.safetensors"), load_file(split / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
