@@ -706,14 +706,19 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def global_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
-def all_reduce_sum(t):
+def all_reduce(t, op=None):
+    """Sum (or op) a tensor over ranks, in place; a no-op on one process."""
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op or dist.ReduceOp.SUM)
     return t
 
 
@@ -802,12 +807,26 @@ def pack_documents(docs, pack_len, pad_id=0):
     return out
 
 
-def token_logprobs(model, ids, position_ids=None, document_ids=None, temperature=1.0):
-    """(B, T) float32 log-probabilities of the next tokens: out[:, t] = log p(ids[:, t+1] | ids[:, :t+1]).
-    The last column, and places whose next token starts another document or is padding, hold 0."""
-    logits = model(ids, position_ids=position_ids, document_ids=document_ids)[:, :-1]  # (B, T-1, V)
-    logits = logits.float() / temperature
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True, chunk=1024, position_ids=None,
+                     document_ids=None):
+    """(B, L) ids -> float32 next-token log-probs (B, L-1) and entropies (B, L-1) under `temperature`
+    (the rollouts'); position t scores ids[:, t + 1]. The same op order for the old and the new
+    log-probs, so the first PPO ratio is exactly 1. The float32 (., V) temporaries are made `chunk`
+    positions at a time: at 16k tokens and a 152k vocabulary the whole would be 10 GB each."""
+    logits = model(ids, position_ids, document_ids)[:, :-1]  # (B, L-1, V) in the compute dtype
+    lps, ents = [], []
+    for s in range(0, logits.shape[1], chunk):
+        logp = torch.log_softmax(logits[:, s:s + chunk].float() / temperature, -1)  # (B, chunk, V)
+        lps.append(logp.gather(-1, ids[:, s + 1:s + 1 + chunk, None]).squeeze(-1))
+        if with_entropy:
+            ents.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(lps, 1), (torch.cat(ents, 1) if with_entropy else None)
+
+
+def token_logprobs(model, ids, position_ids=None, document_ids=None):
+    """Packed rows' view: (B, T) log p(ids[:, t+1] | ids[:, :t+1]); the last column, and places whose
+    next token starts another document or is padding, hold 0."""
+    lp = logprobs_entropy(model, ids, with_entropy=False, position_ids=position_ids, document_ids=document_ids)[0]
     if document_ids is not None:
         same = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, 1:] >= 0)
         lp = torch.where(same, lp, torch.zeros_like(lp))
@@ -835,14 +854,14 @@ def sft_step(model, optimizer, scheduler, micro_batches, n_targets, device, clip
         # FSDP averages gradients over ranks; this loss is already a global mean, so undo that.
         (loss * world_size()).backward()
         total += loss.detach()
-    return all_reduce_sum(total).item(), optimizer_step(model, optimizer, scheduler, clip)
+    return all_reduce(total).item(), optimizer_step(model, optimizer, scheduler, clip)
 
 
 @torch.no_grad()
 def heldout_loss(model, rows, micro, device):
     """Token-mean loss over all held-out rows; every rank runs the same number of forwards (FSDP
     needs that): past the end, a rank wraps around to rows it then weighs 0."""
-    rank, world = (dist.get_rank(), world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = global_rank(), world_size()
     n = len(rows["input_ids"])
     sums = torch.zeros(2, device=device)  # NLL sum, target count
     for start in range(0, n, micro * world):
@@ -852,7 +871,7 @@ def heldout_loss(model, rows, micro, device):
         with autocast(device):
             sums[0] += sft_loss_sum(model, mb)
         sums[1] += mb["loss_mask"].sum()
-    sums = all_reduce_sum(sums)
+    sums = all_reduce(sums)
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
@@ -885,13 +904,12 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
     scheduler, step, `extra`: any picklable dict such as the data position), rng_rank{r}.pt.
     Collective under FSDP (call on every rank). Built in a temp dir, then renamed; only the last
     `keep` checkpoints stay. Returns the path."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only
     model_sd = get_model_state_dict(model, options=opts)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     root = os.path.join(out_dir, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f".tmp_step_{step:07d}")
-    if rank == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         save_model(model, tokenizer, os.path.join(tmp, "model"), state_dict=model_sd)
@@ -899,9 +917,9 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
                     "scheduler": scheduler.state_dict() if scheduler else None},
                    os.path.join(tmp, "train_state.pt"))
     barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{global_rank()}.pt"))
     barrier()
-    if rank == 0:
+    if global_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
@@ -922,7 +940,7 @@ def save_final(out_dir, model, tokenizer, stage):
     """The finished model (HF format) into out_dir beside metrics.jsonl and checkpoints/; collective
     under FSDP. save_model replaces whole directories, so it is built aside and its files moved in."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if global_rank() == 0:
         tmp = os.path.join(out_dir, ".final")
         save_model(model, tokenizer, tmp, state_dict=state)
         for f in os.listdir(tmp):
@@ -941,7 +959,6 @@ def latest_checkpoint(out_dir):
 def load_checkpoint(path, model, optimizer=None, scheduler=None):
     """Restores what save_checkpoint wrote (into a plain or an FSDP-sharded model) and this rank's
     RNG states; returns the train state dict ({"step", "extra", ...})."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
     plain, _ = load_model(os.path.join(path, "model"), device="cpu")
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, plain.state_dict(), options=full)
@@ -950,7 +967,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    rng = os.path.join(path, f"rng_rank{rank}.pt")
+    rng = os.path.join(path, f"rng_rank{global_rank()}.pt")
     _set_rng_state(torch.load(rng if os.path.exists(rng) else os.path.join(path, "rng_rank0.pt"),
                               weights_only=False))
     return state
@@ -1179,21 +1196,6 @@ def group_advantages(rewards, n, std=True, eps=1e-6):
 
 # ----------------------------------------------------------------------------- losses
 
-def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True, chunk=1024):
-    """(B, L) ids -> next-token log-probs (B, L-1) and entropies (B, L-1) under the temperature the
-    rollouts were sampled at; position t scores ids[:, t + 1]. The same op order for the old and
-    the new log-probs, so the first PPO ratio is exactly 1. The float32 (., V) temporaries are made
-    `chunk` positions at a time: at 16k tokens and a 152k vocabulary the whole would be 10 GB each."""
-    logits = model(ids)[:, :-1]  # (B, L-1, V) in the compute dtype
-    lps, ents = [], []
-    for s in range(0, logits.shape[1], chunk):
-        logp = torch.log_softmax(logits[:, s:s + chunk].float() / temperature, -1)  # (B, chunk, V)
-        lps.append(logp.gather(-1, ids[:, s + 1:s + 1 + chunk, None]).squeeze(-1))
-        if with_entropy:
-            ents.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(lps, 1), (torch.cat(ents, 1) if with_entropy else None)
-
-
 def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=10.0):
     """Clipped surrogate with separate low/high bounds and a dual clip for negative advantages.
     -> per-token loss (B, T), exactly 0 (and 0 gradient) where mask is 0, and the clipped mask."""
@@ -1266,7 +1268,7 @@ def timed(tool, timer):
 def first_code_token(tokenizer, response_ids):
     """Token index of the first `<code>` in a response (binary search over decoded prefixes)."""
     return bisect.bisect_left(range(len(response_ids)), True,
-                              key=lambda k: "<code>" in tokenizer.decode(response_ids[:k + 1]))
+                              key=lambda k: "<code>" in decode(tokenizer, response_ids[:k + 1]))
 
 
 def to_record(traj, gold, tokenizer):
@@ -1399,10 +1401,7 @@ def step_jobs(problems, args, step, rank, world):
 
 def reduce_floats(values, device, op=None):
     """Sum (or op) a list of floats over ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op or dist.ReduceOp.SUM)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
 
 
 def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
@@ -1444,7 +1443,7 @@ def rollout_metrics(records, device):
     n, acc, rew, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = reduce_floats(
         [len(s), sum(x["reward"] > 0 for x in s), *per_traj, *per_token], device)
     diff = max([((r["old"] - r["eng"]).abs() * r["mask"]).max().item() for r in records] or [0.0])
-    diff = reduce_floats([diff], device, dist.ReduceOp.MAX if dist.is_initialized() else None)[0]
+    diff = reduce_floats([diff], device, dist.ReduceOp.MAX)[0]
     var_ret, var_err = r2 / toks - (r1 / toks) ** 2, e2 / toks - (e1 / toks) ** 2
     return dict(reward=rew / n, accuracy=acc / n, response_len=length / n, code_ratio=code / n,
                 tool_calls=calls / n, code_lines=lines / n, code_pass=ok / calls if calls else 0.0,
