@@ -138,8 +138,8 @@ def rope_inv_freq(c: ModelConfig) -> torch.Tensor:
 
 
 def rotate(x, cos, sin):  # x (B, T, H, D); cos/sin (B, T, 1, D): the non-interleaved (rotate-half) form
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]: forward() folds the sign into the sin table
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class RMSNorm(nn.Module):
@@ -148,34 +148,42 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x):  # normalised in float32, scaled in x's dtype (HF's order)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.h, self.h_kv, self.d = layer, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.h * self.d, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.h_kv * self.d, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.h_kv * self.d, bias=c.attention_bias)
+        # q, k and v in one matmul (HF's q_proj/k_proj/v_proj stacked: load_model and save_model convert)
+        self.qkv_proj = nn.Linear(c.hidden_size, (self.h + 2 * self.h_kv) * self.d, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, c.hidden_size, bias=c.o_proj_bias)
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.d, c.rms_norm_eps), RMSNorm(self.d, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, attend):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.h, self.d)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.h_kv, self.d)  # (B, T, H_kv, D)
-        v = self.v_proj(x).view(B, T, self.h_kv, self.d)
+        H, H_kv = self.h, self.h_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.d)  # (B, T, H + 2 H_kv, D)
+        qk, v = qkv[:, :, :H + H_kv], qkv[:, :, H + H_kv:]
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
         # rotary in the tables' precision, attention in v's dtype (bf16 under autocast: flash-eligible)
-        q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
-        out = attend(q, k, v, self.layer)  # (B, T, H, D)
-        return self.o_proj(out.reshape(B, T, self.h * self.d))
+        qk = rotate(qk, cos, sin).to(v.dtype)
+        out = attend(qk[:, :, :H], qk[:, :, H:], v, self.layer)  # (B, T, H, D)
+        return self.o_proj(out.reshape(B, T, H * self.d))
+
+
+class MLP(nn.Module):  # SwiGLU, HF's gate_proj and up_proj stacked in one matmul
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -184,15 +192,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.mlp.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.mlp.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, attend):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        h = self.post_attention_layernorm(x)
-        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @lru_cache(maxsize=1)
@@ -279,8 +283,9 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=x.device).expand(B, T)
         self.inv_freq = self.inv_freq.to(x.device)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B, T, 1, D)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos = angles.cos().repeat(1, 1, 2)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
+        sin = angles.sin()
+        sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, attend)
         if cache is not None:
@@ -311,8 +316,15 @@ def build_model(hf_config: dict, seed: int = 0) -> Transformer:
     return model
 
 
-def hf_name(name: str) -> str:
-    return name if name.startswith("lm_head") else "model." + name
+def hf_parts(name: str, c: ModelConfig) -> list:
+    """Our parameter name -> [(HF tensor name, rows)]: a stacked projection is its HF parts along dim 0."""
+    key = name if name.startswith("lm_head") else "model." + name
+    head, _, leaf = key.rpartition(".")
+    head, _, proj = head.rpartition(".")
+    stacks = {"qkv_proj": [("q_proj", c.num_attention_heads * c.head_dim), ("k_proj", c.num_key_value_heads * c.head_dim),
+                           ("v_proj", c.num_key_value_heads * c.head_dim)],
+              "gate_up_proj": [("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)]}
+    return [(f"{head}.{part}.{leaf}", rows) for part, rows in stacks[proj]] if proj in stacks else [(key, None)]
 
 
 def read_json(path: Path, what: str = "a JSON object") -> dict:
@@ -359,14 +371,16 @@ def load_model(path, device=None, dtype=None):
             raise ModelError(f"{path / f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     state = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        key = hf_name(name)
-        if key not in tensors and name == "lm_head.weight" and config.tie_word_embeddings:
-            key = "model.embed_tokens.weight"
-        if key not in tensors:
-            raise ModelError(f"{path}: weight {key!r} missing from the checkpoint")
-        if tensors[key].shape != p.shape:
-            raise ModelError(f"{path}: weight {key!r} has shape {tuple(tensors[key].shape)}, config says {tuple(p.shape)}")
-        state[name] = tensors[key].to(device=device, dtype=dtype)
+        parts = hf_parts(name, config)
+        if parts[0][0] not in tensors and name == "lm_head.weight" and config.tie_word_embeddings:
+            parts = [("model.embed_tokens.weight", None)]
+        for key, rows in parts:
+            want = tuple(p.shape) if rows is None else (rows, *p.shape[1:])
+            if key not in tensors:
+                raise ModelError(f"{path}: weight {key!r} missing from the checkpoint")
+            if tuple(tensors[key].shape) != want:
+                raise ModelError(f"{path}: weight {key!r} has shape {tuple(tensors[key].shape)}, config says {want}")
+        state[name] = torch.cat([tensors[key] for key, _ in parts]).to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -401,8 +415,12 @@ def save_model(model: Transformer, tokenizer, path, state_dict: dict | None = No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
-    tensors = {hf_name(k): v.detach().to("cpu").contiguous() for k, v in state.items()
-               if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    tensors = {}
+    for name, v in state.items():
+        if not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            parts = hf_parts(name, model.config)
+            pieces = v.detach().to("cpu").split([rows or len(v) for _, rows in parts])
+            tensors.update({key: piece.contiguous() for (key, _), piece in zip(parts, pieces)})
     hf = dict(model.config.hf)
     hf.pop("torch_dtype", None)
     hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -433,32 +451,47 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.groups = config.num_attention_heads // config.num_key_value_heads
+        self.steps = torch.arange(max_len, device=device)
 
-    def prepare(self, rows: torch.Tensor, n_new: torch.Tensor, T: int, prefix: bool):
-        self.rows, self.prefix = rows, prefix  # prefix: rows are 0..R-1, so the cache is sliced, not gathered
-        self.total = self.lens[rows] + n_new  # (R,) filled length once this chunk is in
-        i = torch.arange(T, device=rows.device)
+    def prepare(self, rows: list, n_new: list):
+        """Set up a forward of a left-padded (R, T) chunk for slots `rows`, whose last n_new[r] tokens
+        are real; everything every layer shares is computed here once."""
+        R, T, G, device = len(rows), max(n_new), self.groups, self.lens.device
+        self.prefix = rows == list(range(R))  # rows 0..R-1: the cache is sliced, not gathered
+        self.rows = torch.tensor(rows, device=device)
+        self.total = (self.lens[:R] if self.prefix else self.lens[self.rows]) + torch.tensor(n_new, device=device)
         # Query i sits at position total - T + i (bottom-right alignment); padding gets position 0
         # so that its row is never fully masked.
-        self.positions = (self.total[:, None] - T + i).clamp(min=0)  # (R, T)
-        self.valid = i[None, :] >= (T - n_new)[:, None]  # (R, T) real tokens
+        self.positions = (self.total[:, None] - T + self.steps[:T]).clamp(min=0)  # (R, T)
         self.width = int(self.total.max())
-        # Shared by every layer: where the real tokens go, and the (R, 1, T, L) bottom-right causal mask.
-        self.slot, self.pos = rows[:, None].expand_as(self.valid)[self.valid], self.positions[self.valid]
-        self.mask = (torch.arange(self.width, device=rows.device) <= self.positions[:, :, None])[:, None]
+        if min(n_new) == T:  # no padding: every chunk token is written
+            self.src, self.slot, self.pos = None, self.rows[:, None].expand(R, T).flatten(), self.positions.flatten()
+        else:
+            valid = (self.steps[:T] >= T - self.total.new_tensor(n_new)[:, None]).flatten()  # (R*T,)
+            self.src = valid.nonzero()[:, 0]
+            self.slot, self.pos = self.rows.repeat_interleave(T)[self.src], self.positions.flatten()[self.src]
+        # The bottom-right causal mask as an additive bias, for the G*T queries of each kv head.
+        mask = torch.where(self.steps[:self.width] <= self.positions[:, :, None], 0.0, float("-inf"))  # (R, T, L)
+        self.mask = mask[:, None, None].expand(R, 1, G, T, self.width).reshape(R, 1, G * T, self.width)
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
-        self.k[layer][self.slot, self.pos] = k[self.valid]
-        self.v[layer][self.slot, self.pos] = v[self.valid]
+        R, T, H, D = q.shape
+        k, v = k.flatten(0, 1), v.flatten(0, 1)  # (R*T, H_kv, D)
+        if self.src is not None:
+            k, v = k[self.src], v[self.src]
+        self.k[layer].index_put_((self.slot, self.pos), k)
+        self.v[layer].index_put_((self.slot, self.pos), v)
         if use_flash(q):
             return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=self.total.int(),
                                    cache_batch_idx=self.rows.int(), causal=True)
-        R, L = len(self.rows), self.width
+        L, H_kv = self.width, H // self.groups
         kc = self.k[layer, :R, :L] if self.prefix else self.k[layer, self.rows, :L]  # (R, L, H_kv, D)
         vc = self.v[layer, :R, :L] if self.prefix else self.v[layer, self.rows, :L]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                             attn_mask=self.mask, enable_gqa=True)
-        return out.transpose(1, 2)
+        # The G query heads of a kv head become G*T queries of one head: each key is read once.
+        qg = q.view(R, T, H_kv, self.groups, D).permute(0, 2, 3, 1, 4).reshape(R, H_kv, -1, D)
+        out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=self.mask)
+        return out.view(R, H_kv, self.groups, T, D).permute(0, 3, 1, 2, 4).reshape(R, T, H, D)
 
     def commit(self):
         self.lens[self.rows] = self.total
@@ -475,9 +508,8 @@ def sample(logits, temperature, top_p, top_k, uniforms):
     """logits (R, V) float32, uniforms (R,) in [0, 1) -> tokens (R,), their log-probs (R,) under the
     distribution actually sampled from (temperature-scaled, top-k/top-p filtered)."""
     if temperature == 0:
-        logp = torch.log_softmax(logits, -1)
-        tokens = logp.argmax(-1)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        logp, tokens = torch.log_softmax(logits, -1).max(-1)  # max: the first of tied maxima, like argmax
+        return tokens, logp
     logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -555,7 +587,7 @@ def run_tool(tool, codes):
         return [(f"{type(e).__name__}: {e}", "internal")] * len(codes)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=()):
     """Sample a response for every prompt (strings or token-id lists) -> list[Trajectory].
@@ -629,9 +661,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         chunks = [pending[i] for i in indices]
         T = max(map(len, chunks))
         ids = torch.tensor([[0] * (T - len(c)) + c for c in chunks], device=device)  # left-padded (R, T)
-        slots_ = [row.index(i) for i in indices]
-        cache.prepare(torch.tensor(slots_, device=device), torch.tensor([len(c) for c in chunks], device=device),
-                      T, prefix=slots_ == list(range(len(slots_))))
+        cache.prepare([row.index(i) for i in indices], [len(c) for c in chunks])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(ids, cache=cache)[:, -1].float()  # (R, V)
         cache.commit()

@@ -104,7 +104,7 @@ def test_cached_decode_equals_full_recompute():
     def feed(rows, chunks):
         T = max(len(c) for c in chunks)
         ids = torch.stack([torch.cat([torch.zeros(T - len(c), dtype=torch.long), c]) for c in chunks])
-        cache.prepare(torch.tensor(rows), torch.tensor([len(c) for c in chunks]), T, rows == list(range(len(rows))))
+        cache.prepare(rows, [len(c) for c in chunks])
         with torch.no_grad():
             out = model(ids, cache=cache)[:, -1]
         cache.commit()
@@ -135,11 +135,11 @@ def test_cache_attention_matches_flash_kvcache_semantics():
     cache = retool.KVCache(c, B, S, "cpu", torch.float32)
     cache.k.normal_(), cache.v.normal_()
     cache.lens[:] = torch.tensor([4, 9, 0, 6])
-    rows, n_new = torch.tensor([3, 1, 2]), torch.tensor([3, 2, 3])
+    rows, n_new = [3, 1, 2], [3, 2, 3]
     q, k, v = torch.randn(3, T, H, D), torch.randn(3, T, Hkv, D), torch.randn(3, T, Hkv, D)
-    cache.prepare(rows, n_new, T, prefix=False)
+    cache.prepare(rows, n_new)
     got = cache.attend(q, k, v, 0)
-    for r, (slot, n) in enumerate(zip(rows.tolist(), n_new.tolist())):
+    for r, (slot, n) in enumerate(zip(rows, n_new)):
         total = int(cache.total[r])
         keys, vals = cache.k[0, slot, :total], cache.v[0, slot, :total]  # new keys were written in place
         assert torch.equal(keys[total - n:], k[r, T - n:])
