@@ -36,6 +36,33 @@ def timed(fn, repeat=3):
     return best, out
 
 
+def decode_floor(model, batch, context, repeat=200):
+    """Seconds per decode step of the step's matmuls and attention calls alone, at the bench's shapes
+    (weights hot in cache, nothing else): what any engine on this machine pays per step."""
+    c = model.config
+    G = c.num_attention_heads // c.num_key_value_heads
+    x, h = torch.randn(batch, 1, c.hidden_size), torch.randn(batch, 1, c.intermediate_size)
+    q = torch.randn(batch, c.num_key_value_heads, G, c.head_dim)
+    k, v = torch.randn(2, batch, c.num_key_value_heads, context, c.head_dim)
+    mask = torch.zeros(batch, 1, G, context)
+    F = torch.nn.functional
+
+    def step():
+        for block in model.layers:
+            F.linear(x, block.self_attn.qkv_proj.weight, block.self_attn.qkv_proj.bias)
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            F.linear(x, block.self_attn.o_proj.weight)
+            F.linear(x, block.mlp.gate_up_proj.weight)
+            F.linear(h, block.mlp.down_proj.weight)
+        F.linear(x, model.lm_head.weight)
+
+    with torch.inference_mode():
+        for _ in range(20):
+            step()
+        secs, _ = timed(lambda: [step() for _ in range(repeat)])
+    return secs / repeat
+
+
 def bench_decode(model, tokenizer, hf, batch, new_tokens):
     problems = data.builtin_problems("test", batch, seed=1)
     prompts = [data.render_prompt(tokenizer, p.problem) for p in problems]
@@ -48,7 +75,7 @@ def bench_decode(model, tokenizer, hf, batch, new_tokens):
                                           eos_token_id=eos, pad_token_id=tokenizer.pad_token_id))
     ours_tok = sum(len(t.response_ids) for t in trajs)
     hf_tok = int(sum(((row[width:] != tokenizer.pad_token_id).sum()) for row in out))
-    return ours_tok / ours_s, hf_tok / hf_s
+    return ours_tok / ours_s, hf_tok / hf_s, decode_floor(model, batch, width + new_tokens // 2)
 
 
 def bench_interruptions(tokenizer, calls=4, batch=32):
@@ -136,9 +163,13 @@ def main():
         retool.save_model(model, tokenizer, tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
     for batch in (1, 32):
-        ours, theirs = bench_decode(model, tokenizer, hf, batch, new_tokens=128)
+        ours, theirs, floor = bench_decode(model, tokenizer, hf, batch, new_tokens=128)
         rows.append((f"decode tok/s, batch {batch}: engine / transformers",
                      f"{ours:.0f} / {theirs:.0f} = {ours / theirs:.2f}x", ">= 3x at batch 32" if batch == 32 else ""))
+        step, hf_step = batch / ours, batch / theirs
+        rows.append((f"decode ms/step, batch {batch}: engine / transformers / matmuls+attention alone",
+                     f"{step * 1e3:.2f} / {hf_step * 1e3:.2f} / {floor * 1e3:.2f} (the most any engine could "
+                     f"gain: {hf_step / floor:.1f}x)", ""))
     ratio, n_plain, n_tool = bench_interruptions(tokenizer)
     rows.append((f"4 tool calls / plain, {n_tool} tokens x 32 rows", f"{ratio:.2f}x time ({ratio - 1:+.0%})",
                  "<= +20%"))

@@ -156,6 +156,7 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.h, self.h_kv, self.d = layer, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.qk_norm = c.qk_norm
         # q, k and v in one matmul (HF's q_proj/k_proj/v_proj stacked: load_model and save_model convert)
         self.qkv_proj = nn.Linear(c.hidden_size, (self.h + 2 * self.h_kv) * self.d, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, c.hidden_size, bias=c.o_proj_bias)
@@ -166,12 +167,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, H_kv = self.h, self.h_kv
         qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.d)  # (B, T, H + 2 H_kv, D)
-        qk, v = qkv[:, :, :H + H_kv], qkv[:, :, H + H_kv:]
-        if hasattr(self, "q_norm"):
-            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
+        qk, v = qkv.split((H + H_kv, H_kv), dim=2)
+        if self.qk_norm:
+            q, k = qk.split((H, H_kv), dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
         # rotary in the tables' precision, attention in v's dtype (bf16 under autocast: flash-eligible)
-        qk = rotate(qk, cos, sin).to(v.dtype)
-        out = attend(qk[:, :, :H], qk[:, :, H:], v, self.layer)  # (B, T, H, D)
+        q, k = rotate(qk, cos, sin).to(v.dtype).split((H, H_kv), dim=2)
+        out = attend(q, k, v, self.layer)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, H * self.d))
 
 
@@ -453,6 +455,7 @@ class KVCache:
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.groups = config.num_attention_heads // config.num_key_value_heads
         self.steps = torch.arange(max_len, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views
 
     def prepare(self, rows: list, n_new: list):
         """Set up a forward of a left-padded (R, T) chunk for slots `rows`, whose last n_new[r] tokens
@@ -474,20 +477,24 @@ class KVCache:
         # The bottom-right causal mask as an additive bias, for the G*T queries of each kv head.
         mask = torch.where(self.steps[:self.width] <= self.positions[:, :, None], 0.0, float("-inf"))  # (R, T, L)
         self.mask = mask[:, None, None].expand(R, 1, G, T, self.width).reshape(R, 1, G * T, self.width)
+        if self.prefix:  # every layer's filled part as views (a gathered subset is copied per layer, after its write)
+            self.k_prefix, self.v_prefix = self.k[:, :R, :self.width].unbind(0), self.v[:, :R, :self.width].unbind(0)
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
         R, T, H, D = q.shape
         k, v = k.flatten(0, 1), v.flatten(0, 1)  # (R*T, H_kv, D)
         if self.src is not None:
             k, v = k[self.src], v[self.src]
-        self.k[layer].index_put_((self.slot, self.pos), k)
-        self.v[layer].index_put_((self.slot, self.pos), v)
+        self.k_layers[layer].index_put_((self.slot, self.pos), k)
+        self.v_layers[layer].index_put_((self.slot, self.pos), v)
         if use_flash(q):
-            return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=self.total.int(),
+            return flash_attn()[1](q, self.k_layers[layer], self.v_layers[layer], cache_seqlens=self.total.int(),
                                    cache_batch_idx=self.rows.int(), causal=True)
         L, H_kv = self.width, H // self.groups
-        kc = self.k[layer, :R, :L] if self.prefix else self.k[layer, self.rows, :L]  # (R, L, H_kv, D)
-        vc = self.v[layer, :R, :L] if self.prefix else self.v[layer, self.rows, :L]
+        if self.prefix:
+            kc, vc = self.k_prefix[layer], self.v_prefix[layer]  # (R, L, H_kv, D)
+        else:
+            kc, vc = self.k[layer, self.rows, :L], self.v[layer, self.rows, :L]
         # The G query heads of a kv head become G*T queries of one head: each key is read once.
         qg = q.view(R, T, H_kv, self.groups, D).permute(0, 2, 3, 1, 4).reshape(R, H_kv, -1, D)
         out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=self.mask)
