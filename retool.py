@@ -40,8 +40,9 @@ from data import (DataError, builtin_problems, builtin_sft_traces, builtin_token
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------------------------
-# Config: the presets. Without --model the stages train the built-in tiny model on the built-in
-# task (CPU, minutes); with --model they use the paper's settings for a real checkpoint.
+# Config: the presets. The tiny ones train the built-in tiny model on the built-in task (CPU,
+# minutes); the real ones are the paper's settings for a real checkpoint. A stage picks by the
+# model's size (default_preset); --preset overrides.
 
 # The built-in tiny model (0.9M parameters), Qwen2-shaped; vocab_size comes from the tokenizer.
 TINY_CONFIG = {
@@ -59,6 +60,7 @@ TINY_TRAIN = {"n_traces": 20000, "code_share": 0.6, "steps": 1200, "batch": 8, "
 REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
 # RL: the tiny model learns fast at a large lr; real checkpoints get the paper's settings (lr 1e-6,
 # critic lr 2e-6, critic warm-up 20, 400 steps)
+TINY_PRESET_MAX_PARAMS = 100_000_000  # smaller checkpoints get the tiny presets by default (--preset overrides)
 RL_PRESETS = {
     "tiny": dict(lr=1e-4, critic_lr=1e-3, steps=50, prompts=16, n=8, max_new_tokens=200,
                  critic_warmup=2, mini_batches=2, micro_batch=64),
@@ -327,6 +329,17 @@ def hf_parts(name: str, c: ModelConfig) -> list:
                            ("v_proj", c.num_key_value_heads * c.head_dim)],
               "gate_up_proj": [("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)]}
     return [(f"{head}.{part}.{leaf}", rows) for part, rows in stacks[proj]] if proj in stacks else [(key, None)]
+
+
+def default_preset(model_path) -> str:
+    """"tiny" for a fresh model and checkpoints under TINY_PRESET_MAX_PARAMS (the built-in SFT model
+    included), "real" (the paper's settings) for anything larger."""
+    if model_path is None:
+        return "tiny"
+    with torch.device("meta"):
+        config = ModelConfig.from_hf(read_json(Path(model_path) / "config.json"), str(Path(model_path) / "config.json"))
+        n = sum(p.numel() for p in Transformer(config).parameters())
+    return "tiny" if n < TINY_PRESET_MAX_PARAMS else "real"
 
 
 def read_json(path: Path, what: str = "a JSON object") -> dict:
@@ -1056,6 +1069,8 @@ class _Parser(argparse.ArgumentParser):
 def sft_args(argv):
     p = _Parser(prog="retool.py --stage sft", description="Cold-start SFT on code-interleaved traces. "
                 "Without --model: the tiny preset on built-in traces, on CPU, in minutes.")
+    p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the flags below (default: tiny "
+                   f"without --model or for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real)")
     for flag, kind, default, text in (
         ("model", str, None, "HF checkpoint dir to fine-tune (default: a fresh tiny model)"),
         ("data", str, None, "SFT rows, .jsonl/.json/.parquet (default: built-in traces)"),
@@ -1080,7 +1095,10 @@ def sft_args(argv):
         p.add_argument("--" + flag, type=kind, default=default, help=text)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a = p.parse_args(argv)
-    for k, v in (TINY_TRAIN if a.model is None else REAL_TRAIN).items():
+    if a.model is not None and not os.path.isfile(os.path.join(a.model, "config.json")):
+        raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
+    a.preset = a.preset or default_preset(a.model)
+    for k, v in (TINY_TRAIN if a.preset == "tiny" else REAL_TRAIN).items():
         if getattr(a, k, 0) is None and not (k == "steps" and a.epochs):
             setattr(a, k, v)
     for k in ("n_traces", "steps", "epochs", "batch", "micro_batch", "pack_len", "lr", "eval_every",
@@ -1089,8 +1107,6 @@ def sft_args(argv):
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(a, k)}")
     if not 0 <= a.code_share <= 1 or not 0 <= a.warmup < 1 or a.heldout < 0:
         raise UsageError("--code-share must lie in [0, 1], --warmup in [0, 1), --heldout >= 0")
-    if a.model is not None and not os.path.isfile(os.path.join(a.model, "config.json")):
-        raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UsageError(f"--out {a.out}: not a directory")
     if a.data is not None and not os.path.isfile(a.data):
@@ -1492,9 +1508,10 @@ def rollout_metrics(records, device):
 # ----------------------------------------------------------------------------- CLI
 
 def rl_args(argv):
-    p = _Parser(prog="retool.py --stage rl", description="RL with interleaved code execution. Without "
-                "--model: the tiny preset from the built-in SFT model (out/sft); with --model: the real-"
-                "checkpoint preset (the paper's settings). --data: DAPO-Math-17k-shaped prompts.")
+    p = _Parser(prog="retool.py --stage rl", description="RL with interleaved code execution, from the "
+                "built-in SFT model (out/sft) or --model. --data: DAPO-Math-17k-shaped prompts.")
+    p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the flags below (default: tiny "
+                   f"for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real: the paper's settings)")
     p.add_argument("--model", help="starting checkpoint, HF dir (default out/sft, the built-in SFT model)")
     p.add_argument("--data", help="RL prompts, .jsonl/.json/.parquet, DAPO-Math-17k or problem/answer rows")
     p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/")
@@ -1519,12 +1536,13 @@ def rl_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    for k, v in RL_PRESETS["tiny" if a.model is None else "real"].items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.model = a.model or os.path.join("out", "sft")
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         raise UsageError(f"{a.model}: no SFT checkpoint; run `python retool.py --stage sft` first"
                          if a.model == os.path.join("out", "sft") else f"--model {a.model}: no config.json")
+    a.preset = a.preset or default_preset(a.model)
+    for k, v in RL_PRESETS[a.preset].items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     if a.data is not None and not os.path.isfile(a.data):
         raise UsageError(f"--data {a.data}: no such file")
     if min(a.steps, a.prompts, a.n, a.max_new_tokens, a.mini_batches, a.micro_batch, a.ppo_epochs) <= 0:

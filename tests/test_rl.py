@@ -246,6 +246,20 @@ def test_missing_sft_checkpoint_says_run_sft_first(tmp_path, monkeypatch, capsys
     assert "--stage sft" in capsys.readouterr().err
 
 
+def test_preset_follows_the_model_size_unless_named(ckpt, tmp_path):
+    big = tmp_path / "qwen2.5-1.5b"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2}))
+    assert [retool.default_preset(p) for p in (None, ckpt, big)] == ["tiny", "tiny", "real"]
+    assert rl_args(["--model", ckpt]).lr == retool.RL_PRESETS["tiny"]["lr"]
+    assert rl_args(["--model", str(big)]).max_new_tokens == retool.RL_PRESETS["real"]["max_new_tokens"]
+    assert rl_args(["--model", ckpt, "--preset", "real", "--lr", "3e-6"]).critic_lr == 2e-6
+    assert retool.sft_args(["--model", str(big)]).pack_len == retool.REAL_TRAIN["pack_len"]
+    assert retool.sft_args(["--model", ckpt]).steps == retool.TINY_TRAIN["steps"]
+
+
 def test_chunked_logprobs_equal_the_whole():
     torch.manual_seed(0)
     model = retool.build_model({"model_type": "qwen2", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 128,
