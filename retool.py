@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data import (DataError, builtin_problems, builtin_sft_traces, builtin_tokenizer, encode_interpreter,
@@ -55,17 +56,18 @@ TINY_CONFIG = {
 # a choice to learn (code works, mental arithmetic does not). Measured: 4.2 minutes on 2 cores,
 # 58.5% right on 200 held-out problems (every code answer's code ran; 97% of those right).
 TINY_TRAIN = {"n_traces": 20000, "code_share": 0.6, "steps": 1200, "batch": 8, "pack_len": 256,
-              "lr": 2e-3}
+              "lr": 2e-3, "activation_checkpointing": False}
 # Fine-tuning a real checkpoint: the paper's 2 epochs; lr, batch and length from verl's reproduction.
-REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5}
+REAL_TRAIN = {"epochs": 2.0, "batch": 32, "micro_batch": 1, "pack_len": 16384, "lr": 1e-5,
+              "activation_checkpointing": True}
 # RL: the tiny model learns fast at a large lr; real checkpoints get the paper's settings (lr 1e-6,
 # critic lr 2e-6, critic warm-up 20, 400 steps)
 TINY_PRESET_MAX_PARAMS = 100_000_000  # smaller checkpoints get the tiny presets by default (--preset overrides)
 RL_PRESETS = {
     "tiny": dict(lr=1e-4, critic_lr=1e-3, steps=50, prompts=16, n=8, max_new_tokens=200,
-                 critic_warmup=2, mini_batches=2, micro_batch=64),
+                 critic_warmup=2, mini_batches=2, micro_batch=64, activation_checkpointing=False),
     "real": dict(lr=1e-6, critic_lr=2e-6, steps=400, prompts=64, n=16, max_new_tokens=16000,
-                 critic_warmup=20, mini_batches=2, micro_batch=1),
+                 critic_warmup=20, mini_batches=2, micro_batch=1, activation_checkpointing=True),
 }
 
 
@@ -270,11 +272,16 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.inv_freq = rope_inv_freq(config)  # a plain attribute: .to(bf16) must not round it
+        # Under grad, keep only each block's input and recompute its inside in backward: at 16k tokens
+        # a 7B model's activations would not fit an 80 GB card otherwise. The real presets turn it on.
+        self.activation_checkpointing = False
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, hidden_only=False):
+    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, head=None):
         """input_ids (B, T) -> logits (B, T, V). Packed rows pass document_ids and position_ids that
         restart per document. With a KVCache (the engine), positions come from the cache, the new
-        keys and values are written into it, and only the last position's logits are returned."""
+        keys and values are written into it, and only the last position's logits are returned.
+        head(h, lm_head), when given, replaces the head on the final hidden states (B, T, C) and its
+        result is returned: it runs inside forward, where FSDP has the head's weight gathered."""
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if cache is not None:
@@ -290,16 +297,17 @@ class Transformer(nn.Module):
         cos = angles.cos().repeat(1, 1, 2)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
         sin = angles.sin()
         sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(x.dtype)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, attend)
+            x = checkpoint(block, x, cos, sin, attend, use_reentrant=False) if recompute else block(x, cos, sin, attend)
         if cache is not None:
             x = x[:, -1:]  # rows are left-padded, so the last position is every row's newest token
         x = self.norm(x)
-        return x if hidden_only else self.lm_head(x)
+        return self.lm_head(x) if head is None else head(x, self.lm_head)
 
     def hidden(self, input_ids, position_ids=None, document_ids=None):
         """Final-normed hidden states (B, T, C): the trunk a value head sits on."""
-        return self(input_ids, position_ids, document_ids, hidden_only=True)  # through __call__: FSDP hooks
+        return self(input_ids, position_ids, document_ids, head=lambda h, lm_head: h)  # __call__: FSDP hooks
 
 
 def init_weights(model: Transformer, std: float = 0.02):
@@ -861,16 +869,26 @@ def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True, chunk=1024,
                      document_ids=None):
     """(B, L) ids -> float32 next-token log-probs (B, L-1) and entropies (B, L-1) under `temperature`
     (the rollouts'); position t scores ids[:, t + 1]. The same op order for the old and the new
-    log-probs, so the first PPO ratio is exactly 1. The float32 (., V) temporaries are made `chunk`
-    positions at a time: at 16k tokens and a 152k vocabulary the whole would be 10 GB each."""
-    logits = model(ids, position_ids, document_ids)[:, :-1]  # (B, L-1, V) in the compute dtype
-    lps, ents = [], []
-    for s in range(0, logits.shape[1], chunk):
-        logp = torch.log_softmax(logits[:, s:s + chunk].float() / temperature, -1)  # (B, chunk, V)
-        lps.append(logp.gather(-1, ids[:, s + 1:s + 1 + chunk, None]).squeeze(-1))
-        if with_entropy:
-            ents.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(lps, 1), (torch.cat(ents, 1) if with_entropy else None)
+    log-probs, so the first PPO ratio is exactly 1. The head runs `chunk` positions at a time and,
+    under grad, is recomputed in backward: only the hidden states are kept, never (L, V) logits (at
+    16k tokens and a 152k vocabulary, 10 GB in float32)."""
+    def head(h, lm_head):
+        h, parts = h[:, :-1], []  # (B, L-1, C): position t predicts ids[:, t + 1]
+        for s in range(0, h.shape[1], chunk):
+            part = (h[:, s:s + chunk], lm_head.weight, lm_head.bias, ids[:, s + 1:s + 1 + chunk], temperature,
+                    with_entropy)
+            parts.append(checkpoint(head_logprobs, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else head_logprobs(*part))
+        lps, ents = zip(*parts)
+        return torch.cat(lps, 1), (torch.cat(ents, 1) if with_entropy else None)
+    return model(ids, position_ids, document_ids, head=head)
+
+
+def head_logprobs(h, weight, bias, targets, temperature, with_entropy):
+    """h (B, c, C) -> log-probs of targets (B, c) and entropies (B, c) or None, in float32."""
+    logp = torch.log_softmax(F.linear(h, weight, bias).float() / temperature, -1)  # (B, c, V)
+    lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
 
 
 def token_logprobs(model, ids, position_ids=None, document_ids=None):
@@ -1093,6 +1111,9 @@ def sft_args(argv):
         ("stop-after", int, None, "stop after this many steps of this run, checkpointed (--resume goes on)"),
         ("seed", int, 0, "")):
         p.add_argument("--" + flag, type=kind, default=default, help=text)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each block in backward instead of keeping its activations (default: on "
+                        "in the real preset)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a = p.parse_args(argv)
     if a.model is not None and not os.path.isfile(os.path.join(a.model, "config.json")):
@@ -1149,6 +1170,7 @@ def _sft_run(a):
     else:
         tok = builtin_tokenizer()
         model = build_model({**TINY_CONFIG, "vocab_size": len(tok)}, a.seed)
+    model.activation_checkpointing = a.activation_checkpointing
     traces = load_sft(a.data) if a.data else builtin_sft_traces(a.n_traces, seed=a.seed, code_share=a.code_share)
     docs = [tokenize_trace(tok, m) for m in traces]
     random.Random(a.seed).shuffle(docs)
@@ -1533,6 +1555,9 @@ def rl_args(argv):
             ("kl-coef", 0.0, "k3 KL penalty against the frozen start model (0: none)"),
             ("train-problems", 4000, "built-in RL prompts"), ("save-every", 10, "steps between checkpoints")):
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each block in backward instead of keeping its activations (default: on "
+                        "in the real preset)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -1568,6 +1593,7 @@ def _rl_run(a):
     torch.manual_seed(a.seed)
     problems = load_rl(a.data) if a.data else builtin_problems("train", a.train_problems, seed=a.seed)
     policy, tok = load_model(a.model, device="cpu", dtype=torch.float32)
+    policy.activation_checkpointing = a.activation_checkpointing  # the critic's trunk copies it
     ref = shard_model(copy.deepcopy(policy).requires_grad_(False), device) if a.kl_coef else None
     critic = shard_model(Critic(policy), device) if a.algo == "ppo" else None
     policy = shard_model(policy, device)

@@ -142,14 +142,14 @@ def test_interpreter_positions_get_exactly_zero_gradient(ckpt, tok):
     add_advantages(records, a)
     seen = []
 
-    def hook(module, inputs, out):  # keep the logits / values and their gradients
+    def hook(module, inputs, out):  # keep the policy's final hidden states / the values and their gradients
         out.retain_grad()
         seen.append(out)
-    policy.lm_head.register_forward_hook(hook), critic.head.register_forward_hook(hook)
+    policy.norm.register_forward_hook(hook), critic.head.register_forward_hook(hook)
     minibatch_backward(records, policy, critic, a, torch.device("cpu"), 1.0)
-    (logits, values), L = seen, max(len(r["ids"]) for r in records)
+    (hidden, values), L = seen, max(len(r["ids"]) for r in records)
     mask = torch.stack([torch.nn.functional.pad(r["mask"], (0, L - 1 - len(r["mask"]))) for r in records])
-    for out in (logits, values):
+    for out in (hidden, values):
         g = out.grad[:, :-1].abs().sum(-1)  # (B, L-1)
         assert (g[mask == 0] == 0).all() and (g[mask == 1] > 0).all()
 
