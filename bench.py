@@ -41,7 +41,8 @@ def decode_floor(model, batch, context, repeat=200):
     (weights hot in cache, nothing else): what any engine on this machine pays per step."""
     c = model.config
     G = c.num_attention_heads // c.num_key_value_heads
-    x, h = torch.randn(batch, 1, c.hidden_size), torch.randn(batch, 1, c.intermediate_size)
+    x, a = torch.randn(batch, 1, c.hidden_size), torch.randn(batch, 1, c.num_attention_heads * c.head_dim)
+    h = torch.randn(batch, 1, c.intermediate_size)
     q = torch.randn(batch, c.num_key_value_heads, G, c.head_dim)
     k, v = torch.randn(2, batch, c.num_key_value_heads, context, c.head_dim)
     mask = torch.zeros(batch, 1, G, context)
@@ -51,7 +52,7 @@ def decode_floor(model, batch, context, repeat=200):
         for block in model.layers:
             F.linear(x, block.self_attn.qkv_proj.weight, block.self_attn.qkv_proj.bias)
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            F.linear(x, block.self_attn.o_proj.weight)
+            F.linear(a, block.self_attn.o_proj.weight)
             F.linear(x, block.mlp.gate_up_proj.weight)
             F.linear(h, block.mlp.down_proj.weight)
         F.linear(x, model.lm_head.weight)

@@ -72,7 +72,7 @@ RL_PRESETS = {
 
 
 # -----------------------------------------------------------------------------------------------
-# Model: a Llama/Qwen-family decoder in plain torch, weight names identical to transformers'.
+# Model: a Llama/Qwen-family decoder in plain torch; load_model/save_model speak transformers' names.
 
 
 class ModelError(Exception):
@@ -111,6 +111,15 @@ class ModelConfig:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in ("default", "llama3"):
                 raise ModelError(f"{where}: unsupported rope type {rope_type!r} (supported: default, llama3)")
+            sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+            for key in sizes + ["num_key_value_heads", "head_dim"]:
+                if (key in sizes or hf.get(key) is not None) and not (type(hf[key]) is int and hf[key] > 0):
+                    raise ModelError(f"{where}: {key} must be a positive integer, got {hf[key]!r}")
+            if heads % hf.get("num_key_value_heads", heads):
+                raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
+            need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if rope_type == "llama3" and any(k not in rope for k in need):
+                raise ModelError(f"{where}: llama3 rope scaling needs {', '.join(need)}")
             return cls(
                 vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                 intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
@@ -403,7 +412,8 @@ def load_model(path, device=None, dtype=None):
                 raise ModelError(f"{path}: weight {key!r} missing from the checkpoint")
             if tuple(tensors[key].shape) != want:
                 raise ModelError(f"{path}: weight {key!r} has shape {tuple(tensors[key].shape)}, config says {want}")
-        state[name] = torch.cat([tensors[key] for key, _ in parts]).to(device=device, dtype=dtype)
+        t = torch.cat([tensors[key] for key, _ in parts]) if len(parts) > 1 else tensors[parts[0][0]]
+        state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -481,7 +491,7 @@ class KVCache:
     def prepare(self, rows: list, n_new: list):
         """Set up a forward of a left-padded (R, T) chunk for slots `rows`, whose last n_new[r] tokens
         are real; everything every layer shares is computed here once."""
-        R, T, G, device = len(rows), max(n_new), self.groups, self.lens.device
+        R, T, device = len(rows), max(n_new), self.lens.device
         self.prefix = rows == list(range(R))  # rows 0..R-1: the cache is sliced, not gathered
         self.rows = torch.tensor(rows, device=device)
         self.total = (self.lens[:R] if self.prefix else self.lens[self.rows]) + torch.tensor(n_new, device=device)
@@ -495,9 +505,13 @@ class KVCache:
             valid = (self.steps[:T] >= T - self.total.new_tensor(n_new)[:, None]).flatten()  # (R*T,)
             self.src = valid.nonzero()[:, 0]
             self.slot, self.pos = self.rows.repeat_interleave(T)[self.src], self.positions.flatten()[self.src]
-        # The bottom-right causal mask as an additive bias, for the G*T queries of each kv head.
-        mask = torch.where(self.steps[:self.width] <= self.positions[:, :, None], 0.0, float("-inf"))  # (R, T, L)
-        self.mask = mask[:, None, None].expand(R, 1, G, T, self.width).reshape(R, 1, G * T, self.width)
+        self.flash = use_flash(self.k)  # the cache holds q's dtype: bf16 under CUDA autocast
+        if self.flash:
+            self.seqlens, self.batch_idx = self.total.int(), self.rows.int()
+            return
+        # SDPA: the bottom-right causal mask as an additive bias in the cache's dtype, (R, 1, T, L)
+        mask = self.steps[:self.width] <= self.positions[:, :, None]  # (R, T, L)
+        self.mask = torch.zeros(mask.shape, dtype=self.k.dtype, device=device).masked_fill_(~mask, float("-inf"))[:, None]
         if self.prefix:  # every layer's filled part as views (a gathered subset is copied per layer, after its write)
             self.k_prefix, self.v_prefix = self.k[:, :R, :self.width].unbind(0), self.v[:, :R, :self.width].unbind(0)
 
@@ -508,18 +522,19 @@ class KVCache:
             k, v = k[self.src], v[self.src]
         self.k_layers[layer].index_put_((self.slot, self.pos), k)
         self.v_layers[layer].index_put_((self.slot, self.pos), v)
-        if use_flash(q):
-            return flash_attn()[1](q, self.k_layers[layer], self.v_layers[layer], cache_seqlens=self.total.int(),
-                                   cache_batch_idx=self.rows.int(), causal=True)
-        L, H_kv = self.width, H // self.groups
+        if self.flash:
+            return flash_attn()[1](q, self.k_layers[layer], self.v_layers[layer], cache_seqlens=self.seqlens,
+                                   cache_batch_idx=self.batch_idx, causal=True)
         if self.prefix:
             kc, vc = self.k_prefix[layer], self.v_prefix[layer]  # (R, L, H_kv, D)
         else:
-            kc, vc = self.k[layer, self.rows, :L], self.v[layer, self.rows, :L]
-        # The G query heads of a kv head become G*T queries of one head: each key is read once.
-        qg = q.view(R, T, H_kv, self.groups, D).permute(0, 2, 3, 1, 4).reshape(R, H_kv, -1, D)
-        out = F.scaled_dot_product_attention(qg, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=self.mask)
-        return out.view(R, H_kv, self.groups, T, D).permute(0, 3, 1, 2, 4).reshape(R, T, H, D)
+            kc, vc = self.k[layer, self.rows, :self.width], self.v[layer, self.rows, :self.width]
+        kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # (R, H_kv, L, D)
+        if T == 1:  # decode: a kv head's G query heads become G queries of one head, so each key is read once
+            out = F.scaled_dot_product_attention(q.reshape(R, -1, self.groups, D), kc, vc, attn_mask=self.mask)
+            return out.view(R, 1, H, D)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=self.mask, enable_gqa=True)
+        return out.transpose(1, 2)
 
     def commit(self):
         self.lens[self.rows] = self.total
@@ -615,7 +630,7 @@ def run_tool(tool, codes):
         return [(f"{type(e).__name__}: {e}", "internal")] * len(codes)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=()):
     """Sample a response for every prompt (strings or token-id lists) -> list[Trajectory].
@@ -689,12 +704,16 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         chunks = [pending[i] for i in indices]
         T = max(map(len, chunks))
         ids = torch.tensor([[0] * (T - len(c)) + c for c in chunks], device=device)  # left-padded (R, T)
-        cache.prepare([row.index(i) for i in indices], [len(c) for c in chunks])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(ids, cache=cache)[:, -1].float()  # (R, V)
-        cache.commit()
-        uniforms = torch.tensor([rng[i].random() for i in indices])
-        tokens, logps = sample(logits, temperature, top_p, top_k, uniforms)
+        # inference_mode saves per-op bookkeeping; an FSDP module's first unshard in it would leave
+        # inference tensors behind that training cannot update, so sharded models get no_grad only
+        # (inference_mode(False) would turn grad mode back on).
+        with contextlib.nullcontext() if isinstance(model, FSDPModule) else torch.inference_mode():
+            cache.prepare([row.index(i) for i in indices], [len(c) for c in chunks])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(ids, cache=cache)[:, -1].float()  # (R, V)
+            cache.commit()
+            uniforms = torch.tensor([rng[i].random() for i in indices])
+            tokens, logps = sample(logits, temperature, top_p, top_k, uniforms)
         for i, tok, lp in zip(indices, tokens.tolist(), logps.tolist()):
             after_token(i, tok, lp)
 

@@ -73,6 +73,13 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     with pytest.raises(retool.ModelError, match="unsupported rope type 'yarn'"):
         retool.load_model(tmp_path)
     del hf["rope_scaling"]
+    for change, needle in (({"rope_scaling": {"rope_type": "llama3", "factor": 8}}, "llama3 rope scaling needs"),
+                           ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+                           ({"hidden_size": "8"}, "hidden_size must be a positive integer, got '8'"),
+                           ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads")):
+        (tmp_path / "config.json").write_text(json.dumps({**hf, **change}))
+        with pytest.raises(retool.ModelError, match=needle):
+            retool.load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(retool.ModelError, match="no model.safetensors"):
         retool.load_model(tmp_path)
