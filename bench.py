@@ -1,6 +1,7 @@
 """Speed, measured side by side in one run: `python bench.py` prints a table of ratios.
 
-- engine decode tokens/s against transformers' `generate` on the same weights, batch 1 and 32;
+- engine decode tokens/s against transformers' `generate` on the same weights, batch 1 and 32, and
+  the step's matmuls and attention alone (the floor any engine pays);
 - tool-interrupted generation against plain generation of the same total length;
 - the sandbox against a fresh interpreter per snippet;
 - on CUDA: a 1.5B-shaped random model in bf16 and its decode roofline fraction.
