@@ -305,7 +305,7 @@ class Transformer(nn.Module):
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         cos = angles.cos().repeat(1, 1, 2)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
         sin = angles.sin()
-        sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(x.dtype)
+        sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(x.dtype)  # (B, T, 1, D), rotate()'s signs in it
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
             x = checkpoint(block, x, cos, sin, attend, use_reentrant=False) if recompute else block(x, cos, sin, attend)
