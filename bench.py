@@ -6,6 +6,7 @@
 - the sandbox against a fresh interpreter per snippet;
 - on CUDA: a 1.5B-shaped random model in bf16 and its decode roofline fraction.
 """
+import argparse
 import os
 import statistics
 import subprocess
@@ -155,6 +156,7 @@ def bench_cuda():
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     tokenizer = data.builtin_tokenizer()
     model = retool.build_model({**TINY, "vocab_size": len(tokenizer)}, seed=0).eval()

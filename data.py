@@ -134,8 +134,8 @@ def _get(row: dict, names: tuple[str, ...], where: str) -> str:
         if isinstance(value, list) and value and isinstance(value[-1], dict):  # chat-form prompt
             value = value[-1].get("content")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
-            raise DataError(f"{where}: field '{name}' must be a string or a number, "
-                            f"got {type(value).__name__}")
+            got = "an empty list" if value == [] else type(value).__name__
+            raise DataError(f"{where}: field '{name}' must be a string or a number, got {got}")
         if value is not None and str(value).strip():
             return str(value)
     also = ", ".join(f"'{n}'" for n in names[1:])

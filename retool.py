@@ -106,11 +106,20 @@ class ModelConfig:
         try:
             heads = hf["num_attention_heads"]
             # transformers 5 writes rope_parameters; real 4.x checkpoints carry rope_theta/rope_scaling.
-            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+            if not isinstance(rope, dict):
+                raise ModelError(f"{where}: rope_scaling / rope_parameters must be an object")
+            rope = dict(rope)
             theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in ("default", "llama3"):
                 raise ModelError(f"{where}: unsupported rope type {rope_type!r} (supported: default, llama3)")
+            for key, value in (("rope_theta", theta), ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+                               *((k, rope.get(k, 1)) for k in ("factor", "low_freq_factor", "high_freq_factor"))):
+                if type(value) not in (int, float) or not 0 < value < math.inf:
+                    raise ModelError(f"{where}: {key} must be a positive number, got {value!r}")
+            if type(hf.get("tie_word_embeddings", False)) is not bool:
+                raise ModelError(f"{where}: tie_word_embeddings must be true or false")
             sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
             for key in sizes + ["num_key_value_heads", "head_dim"]:
                 if (key in sizes or hf.get(key) is not None) and not (type(hf[key]) is int and hf[key] > 0):
@@ -430,23 +439,24 @@ def load_model(path, device=None, dtype=None):
     return model, tokenizer
 
 
-def replace_dir(tmp: Path, path: Path):
-    """Move a finished directory into place; the previous one is removed only once the new one is there."""
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def remove_model(path):
+    """Drop a model's config.json and weight files from path, nothing else: without config.json the
+    directory is no model, so a rerun or a crash mid-save never leaves a stale one to be loaded."""
+    path = Path(path)
+    for f in [path / "config.json", path / "model.safetensors.index.json", *path.glob("model*.safetensors")]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
 
 
 def save_model(model: Transformer, tokenizer, path, state_dict: dict | None = None):
-    """Write an HF directory (config, safetensors, tokenizer) atomically. Sharded (FSDP) callers pass
-    the gathered full state_dict."""
+    """Write an HF model (config, safetensors, tokenizer) into directory path; other files there
+    (checkpoints, metrics) stay. Every file is written aside and renamed into place, config.json
+    last, so path holds no config.json until the model is whole. Sharded (FSDP) callers pass the
+    gathered full state_dict."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = {}
     for name, v in state.items():
@@ -459,12 +469,14 @@ def save_model(model: Transformer, tokenizer, path, state_dict: dict | None = No
     hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     hf.setdefault("architectures", [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                      "llama": "LlamaForCausalLM"}[hf["model_type"]]])
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".saving", dir=path))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, path)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        remove_model(path)  # an old shard index would outrank the new single file
+        for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
+            os.replace(tmp / f, path / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1016,23 +1028,21 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
 
 
 def fresh_run(out_dir):
-    """A fresh run: stale checkpoints, TensorBoard events and metrics would mislead --resume and plots."""
+    """A fresh run: a previous run's checkpoints, metrics and final model would mislead --resume,
+    plots and the next stage (an unfinished run must not look finished)."""
     for stale in ("checkpoints", "tb"):
         shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    remove_model(out_dir)
 
 
 def save_final(out_dir, model, tokenizer, stage):
     """The finished model (HF format) into out_dir beside metrics.jsonl and checkpoints/; collective
-    under FSDP. save_model replaces whole directories, so it is built aside and its files moved in."""
+    under FSDP."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if global_rank() == 0:
-        tmp = os.path.join(out_dir, ".final")
-        save_model(model, tokenizer, tmp, state_dict=state)
-        for f in os.listdir(tmp):
-            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
-        os.rmdir(tmp)
+        save_model(model, tokenizer, out_dir, state_dict=state)
         print(f"{stage}: saved {out_dir}", file=sys.stderr)
     barrier()
 
@@ -1049,15 +1059,21 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
     plain, _ = load_model(os.path.join(path, "model"), device="cpu")
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, plain.state_dict(), options=full)
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+    state = read_pt(os.path.join(path, "train_state.pt"))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     rng = os.path.join(path, f"rng_rank{global_rank()}.pt")
-    _set_rng_state(torch.load(rng if os.path.exists(rng) else os.path.join(path, "rng_rank0.pt"),
-                              weights_only=False))
+    _set_rng_state(read_pt(rng if os.path.exists(rng) else os.path.join(path, "rng_rank0.pt")))
     return state
+
+
+def read_pt(path):
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001  a truncated or foreign file raises any of several types
+        raise ModelError(f"{path}: unreadable checkpoint file ({type(e).__name__})") from None
 
 
 class MetricsLog:
@@ -1103,6 +1119,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), \
+    (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def check_flags(a, rules, flags=None):
+    """A one-line UsageError for the first flag value (NaN and infinity included) outside its range.
+    rules: {dest: (test, what)}; flags: the flag of a dest named otherwise (dest n -> rollouts)."""
+    for dest, (test, what) in rules.items():
+        value = getattr(a, dest)
+        if value is not None and not (math.isfinite(value) and test(value)):
+            raise UsageError(f"--{(flags or {}).get(dest, dest).replace('_', '-')} must be {what}, got {value}")
+
+
+def check_out(a):
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UsageError(f"--out {a.out}: not a directory")
+    if a.resume and latest_checkpoint(a.out) is None:
+        raise UsageError(f"--resume: no checkpoint under {os.path.join(a.out, 'checkpoints')}")
+
+
 def sft_args(argv):
     p = _Parser(prog="retool.py --stage sft", description="Cold-start SFT on code-interleaved traces. "
                 "Without --model: the tiny preset on built-in traces, on CPU, in minutes.")
@@ -1141,14 +1177,11 @@ def sft_args(argv):
     for k, v in (TINY_TRAIN if a.preset == "tiny" else REAL_TRAIN).items():
         if getattr(a, k, 0) is None and not (k == "steps" and a.epochs):
             setattr(a, k, v)
-    for k in ("n_traces", "steps", "epochs", "batch", "micro_batch", "pack_len", "lr", "eval_every",
-              "save_every", "stop_after"):
-        if getattr(a, k) is not None and getattr(a, k) <= 0:
-            raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(a, k)}")
-    if not 0 <= a.code_share <= 1 or not 0 <= a.warmup < 1 or a.heldout < 0:
-        raise UsageError("--code-share must lie in [0, 1], --warmup in [0, 1), --heldout >= 0")
-    if os.path.exists(a.out) and not os.path.isdir(a.out):
-        raise UsageError(f"--out {a.out}: not a directory")
+    check_flags(a, {**dict.fromkeys(("n_traces", "steps", "epochs", "batch", "micro_batch", "pack_len", "lr",
+                                      "clip", "eval_every", "save_every", "stop_after"), POSITIVE),
+                    "code_share": FRACTION, "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                    "min_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "heldout": NON_NEGATIVE})
+    check_out(a)
     if a.data is not None and not os.path.isfile(a.data):
         raise UsageError(f"--data {a.data}: no such file")
     return a
@@ -1212,11 +1245,11 @@ def _sft_run(a):
     start = 0
     if a.resume:
         ckpt = latest_checkpoint(a.out)
-        if ckpt is None:
-            raise UsageError(f"--resume: no checkpoint under {os.path.join(a.out, 'checkpoints')}")
         state = load_checkpoint(ckpt, model, opt, sched)
         if state["extra"].get("n_rows") != n_rows:
             raise UsageError(f"--resume: {ckpt} was trained on other data ({state['extra'].get('n_rows')} rows)")
+        if state["extra"].get("steps", steps) != steps:  # the lr schedule spans the run's steps
+            raise UsageError(f"--resume: {ckpt} is from a run of {state['extra']['steps']} steps, not {steps}")
         start = state["step"]
     elif rank == 0:
         fresh_run(a.out)
@@ -1232,6 +1265,8 @@ def _sft_run(a):
         n_targets = max(1, int(rows["loss_mask"][idx].sum()))
         lr = opt.param_groups[0]["lr"]
         loss, gnorm = sft_step(model, opt, sched, micro_batches, n_targets, device, a.clip)
+        if not math.isfinite(loss):  # the same global value on every rank: all stop together
+            raise UsageError(f"step {step + 1}: the loss is {loss}, training diverged (lower --lr?)")
         tps = int((rows["document_ids"][idx] >= 0).sum()) / (time.perf_counter() - t0)
         metrics = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tps)}
         if held_rows is not None and ((step + 1) % a.eval_every == 0 or step + 1 == steps):
@@ -1241,7 +1276,7 @@ def _sft_run(a):
         bar.update()
         if (step + 1) % a.save_every == 0 or (step + 1 == stop < steps):
             save_checkpoint(a.out, step + 1, model, opt, tok, sched,
-                            extra={"rows_seen": (step + 1) * a.batch, "n_rows": n_rows})
+                            extra={"rows_seen": (step + 1) * a.batch, "n_rows": n_rows, "steps": steps})
     bar.close()
     log.close()
     if stop == steps:
@@ -1589,9 +1624,13 @@ def rl_args(argv):
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     if a.data is not None and not os.path.isfile(a.data):
         raise UsageError(f"--data {a.data}: no such file")
-    if min(a.steps, a.prompts, a.n, a.max_new_tokens, a.mini_batches, a.micro_batch, a.ppo_epochs) <= 0:
-        raise UsageError("--steps, --prompts, --rollouts, --max-new-tokens, --mini-batches, --micro-batch "
-                         "and --ppo-epochs must be positive")
+    check_flags(a, {**dict.fromkeys(("steps", "prompts", "n", "max_new_tokens", "mini_batches", "micro_batch",
+                                      "ppo_epochs", "lr", "critic_lr", "temperature", "grad_clip", "value_clip",
+                                      "save_every", "train_problems"), POSITIVE),
+                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high"), NON_NEGATIVE),
+                    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                    "dual_clip": (lambda v: v > 1, "above 1")}, flags={"n": "rollouts"})
+    check_out(a)
     return a
 
 
@@ -1618,13 +1657,14 @@ def _rl_run(a):
     policy = shard_model(policy, device)
     opt = make_optimizer(policy, a.lr, weight_decay=0.0)
     copt = make_optimizer(critic, a.critic_lr, weight_decay=0.0) if critic is not None else None
-    start = 0
+    start, run = 0, {"algo": a.algo, "prompts": a.prompts, "rollouts": a.n, "problems": len(problems)}
     if a.resume:
         ckpt = latest_checkpoint(a.out)
-        if ckpt is None:
-            raise UsageError(f"--resume: no checkpoint under {os.path.join(a.out, 'checkpoints')}")
         state = load_checkpoint(ckpt, policy, opt)
-        start = state["step"]
+        start, was = state["step"], state["extra"].get("run", run)
+        change = next((k for k in run if was.get(k) != run[k]), None)
+        if change:
+            raise UsageError(f"--resume: {ckpt} is from a run with {change} {was.get(change)}, not {run[change]}")
         if critic is not None:  # the critic travels in the policy checkpoint's train state
             if "critic" not in state["extra"]:
                 raise UsageError(f"--resume: {ckpt} holds no critic (a GRPO run?); resume with --algo grpo")
@@ -1653,16 +1693,19 @@ def _rl_run(a):
             if critic is None:
                 metrics.pop("explained_var")
             metrics.update(time_gen=t1 - t0, time_sandbox=timer["sandbox"], time_train=time.perf_counter() - t1)
+            bad = next((k for k, v in metrics.items() if not math.isfinite(v)), None)
+            if bad:  # global values: every rank stops here
+                raise UsageError(f"step {step + 1}: {bad} is {metrics[bad]}, training diverged (lower --lr?)")
             log.log(step + 1, **metrics)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "code_ratio",
                                                              "response_len") if k in metrics})
             bar.update()
             if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-                extra = {}
+                extra = {"run": run}
                 if critic is not None:
                     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                    extra = {"critic": get_model_state_dict(critic, options=opts),
-                             "critic_opt": get_optimizer_state_dict(critic, copt, options=opts)}
+                    extra.update(critic=get_model_state_dict(critic, options=opts),
+                             critic_opt=get_optimizer_state_dict(critic, copt, options=opts))
                 save_checkpoint(a.out, step + 1, policy, opt, tok, extra=extra)
                 if a.algo == "ppo" and step + 1 <= a.critic_warmup:
                     opt.state.clear()  # saving gave the unused optimizer a zero step; Adam must start fresh
@@ -1680,12 +1723,20 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--stage"), None)
     stage = stage or next((a.split("=", 1)[1] for a in argv if a.startswith("--stage=")), None)
+    if stage is None and any(a in ("-h", "--help") for a in argv):
+        print("usage: python retool.py --stage {sft,rl} [flags]  (`--stage sft --help`, `--stage rl --help`: "
+              "the flags)\n" + __doc__.strip())
+        return 0
     if stage not in ("sft", "rl"):
         print("error: --stage must be sft or rl (python retool.py --stage sft --help)", file=sys.stderr)
         return 2
     rest = [a for i, a in enumerate(argv) if a != "--stage" and not a.startswith("--stage=")
             and not (i and argv[i - 1] == "--stage")]
-    return (sft_main if stage == "sft" else rl_main)(rest)
+    try:
+        return (sft_main if stage == "sft" else rl_main)(rest)
+    except KeyboardInterrupt:
+        print(f"{stage}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

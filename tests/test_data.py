@@ -125,6 +125,7 @@ def test_capitalised_aime_fields(tmp_path):
     assert load_eval(path) == [Problem("P1", "204"), Problem("P2", "7")]
 
 
+@pytest.mark.skipif(not (SHARED / "AIME24.jsonl").is_file(), reason="no ../shared/data beside this clone")
 def test_real_aime_files():
     for name in ("AIME24.jsonl", "AIME25.jsonl"):
         problems = load_eval(SHARED / name)
@@ -145,7 +146,9 @@ def test_error_messages(tmp_path):
     write(bad, [[1, 2]])
     assert error(read_rows, bad) == f"{bad}:1: expected a JSON object, got list"
     write(bad, [{"problem": "a", "answer": []}])
-    assert error(load_eval, bad) == f"{bad}:1: field 'answer' must be a string or a number, got list"
+    assert error(load_eval, bad) == f"{bad}:1: field 'answer' must be a string or a number, got an empty list"
+    write(bad, [{"prompt": [], "answer": "1"}])
+    assert error(load_rl, bad) == f"{bad}:1: field 'prompt' must be a string or a number, got an empty list"
     write(bad, [{"problem": "a", "answer": True}])
     assert error(load_rl, bad) == f"{bad}:1: field 'answer' must be a string or a number, got bool"
     columns = tmp_path / "columns.json"  # column-shaped, as some exports write it: not one row

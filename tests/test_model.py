@@ -55,7 +55,14 @@ def test_logits_match_transformers_and_round_trip(kind, tmp_path):
     _, reloaded = retool.load_model(tmp_path / "ours")
     prompt = "What is 123456 * 789?\n<code>\n```python\nprint(123456 * 789)\n```\n</code>"
     assert reloaded.encode(prompt) == data.builtin_tokenizer().encode(prompt)  # the very same token stream
-    assert not list(tmp_path.glob("ours.tmp*")), "the temporary directory is renamed, never left behind"
+    assert not list((tmp_path / "ours").glob(".saving*")), "the files are renamed, never left behind"
+    (tmp_path / "ours" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "ours" / "model.safetensors.index.json").write_text("{}")  # a sharded save's leftover
+    retool.save_model(model, reloaded, tmp_path / "ours")
+    assert (tmp_path / "ours" / "metrics.jsonl").read_text() == "{}\n", "other files stay"
+    assert not (tmp_path / "ours" / "model.safetensors.index.json").exists()
+    retool.remove_model(tmp_path / "ours")
+    assert not (tmp_path / "ours" / "config.json").exists() and (tmp_path / "ours" / "metrics.jsonl").exists()
 
 
 def test_bad_checkpoints_name_the_problem(tmp_path):
@@ -76,7 +83,11 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     for change, needle in (({"rope_scaling": {"rope_type": "llama3", "factor": 8}}, "llama3 rope scaling needs"),
                            ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
                            ({"hidden_size": "8"}, "hidden_size must be a positive integer, got '8'"),
-                           ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads")):
+                           ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+                           ({"rope_theta": None}, "rope_theta must be a positive number, got None"),
+                           ({"rope_scaling": "abc"}, "rope_scaling / rope_parameters must be an object"),
+                           ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number"),
+                           ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false")):
         (tmp_path / "config.json").write_text(json.dumps({**hf, **change}))
         with pytest.raises(retool.ModelError, match=needle):
             retool.load_model(tmp_path)

@@ -202,6 +202,9 @@ def test_rl_main_end_to_end_and_bit_identical_resume(ckpt, tmp_path):
     drop = ("time_gen", "time_sandbox", "time_train")
     assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(split)] == \
         [{k: v for k, v in r.items() if k not in drop} for r in m]
+    # a resume with another batch shape, or the other algorithm, is refused
+    for change in (["--prompts", "4"], ["--algo", "grpo"]):
+        assert rl_main(["--model", ckpt, "--out", str(split), "--steps", "3", "--resume", *small(), *change]) == 2
 
 
 def test_grpo_text_only_step(ckpt, tmp_path):
@@ -233,9 +236,13 @@ def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--algo", "dqn"], "--algo"), (["--prompts", "3"], "--prompts 3"), (["--steps", "0"], "--steps"),
-    (["--data", "/nonexistent.jsonl"], "/nonexistent.jsonl")])
-def test_user_mistakes_exit_2_with_one_line(ckpt, argv, needle, capsys):
-    assert rl_main(["--model", ckpt, *argv]) == 2
+    (["--data", "/nonexistent.jsonl"], "/nonexistent.jsonl"), (["--rollouts", "0"], "--rollouts must be positive"),
+    (["--top-p", "0"], "--top-p"), (["--temperature", "-1"], "--temperature"), (["--save-every", "0"], "--save-every"),
+    (["--train-problems", "0"], "--train-problems"), (["--kl-coef", "-1"], "--kl-coef"),
+    (["--clip-low", "2"], "--clip-low"), (["--lr", "inf"], "--lr"), (["--out", __file__], "--out"),
+    (["--resume"], "--resume")])
+def test_user_mistakes_exit_2_with_one_line(ckpt, argv, needle, capsys, tmp_path):
+    assert rl_main(["--model", ckpt, "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
 

@@ -106,6 +106,21 @@ def test_few_steps_lower_the_loss_and_write_the_model(ckpt, tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
 
 
+def test_rerun_leaves_no_stale_model_and_divergence_stops(ckpt, tmp_path, capsys):
+    """An unfinished rerun must not look finished (the next stage would load the old model), a
+    resume must keep the lr schedule's length, and a diverged run stops with one line, unsaved."""
+    assert sft_main(run_args(ckpt, tmp_path, "--steps", "2")) == 0 and (tmp_path / "config.json").is_file()
+    assert sft_main(run_args(ckpt, tmp_path, "--steps", "4", "--stop-after", "2")) == 0
+    assert not (tmp_path / "config.json").exists() and (tmp_path / "checkpoints" / "step_0000002").is_dir()
+    assert sft_main(run_args(ckpt, tmp_path, "--steps", "6", "--resume")) == 2
+    assert "a run of 4 steps, not 6" in capsys.readouterr().err
+    assert sft_main(run_args(ckpt, tmp_path / "hot", "--lr", "1e30")) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "error: step 2: the loss is nan, training diverged" in err
+    assert not (tmp_path / "hot" / "config.json").exists()
+
+
 def test_resume_is_bit_identical(ckpt, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert sft_main(run_args(ckpt, whole)) == 0
@@ -174,11 +189,21 @@ def test_two_gloo_ranks_match_one_process_through_a_resume(ckpt, tmp_path):
     (["--model", "/no/such/dir"], "/no/such/dir"),
     (["--data", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--batch", "6", "--micro-batch", "4"], "--batch"),
+    (["--lr", "nan"], "--lr must be positive, got nan"),
+    (["--clip", "-1"], "--clip"),
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio"),
+    (["--weight-decay", "-5"], "--weight-decay"),
+    (["--warmup", "1"], "--warmup"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, tmp_path, capsys):
     assert sft_main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_help_without_a_stage_exits_0(capsys):
+    import retool
+    assert retool.main(["--help"]) == 0 and "--stage sft --help" in capsys.readouterr().out
 
 
 def test_bad_data_file_and_missing_checkpoint_exit_2(ckpt, tmp_path, capsys):
