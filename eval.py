@@ -149,10 +149,16 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
 
 
 def _write_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk or a path that changed under us: one line, no temp file left
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EvalError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
@@ -162,6 +168,57 @@ def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
         raise EvalError(f"no checkpoint in {' or '.join(candidates)}: train one "
                         "(python retool.py --stage sft) or pass --model DIR")
     return Path(max(found)[1])
+
+
+def check_model_dir(path: Path, flag):
+    """Before anything is evaluated, so a typo in the last --compare folder fails in seconds.
+    flag: the flag that gave the path (None for the default checkpoint)."""
+    where = f"{flag} {path}" if flag else str(path)
+    if not path.is_dir():
+        raise EvalError(f"{where}: {'not a directory' if path.exists() else 'no such directory'}")
+    if not (path / "config.json").is_file():
+        raise EvalError(f"{where}: not a checkpoint directory (no config.json)")
+    if not any((path / f).is_file() for f in MODEL_FILES):
+        raise EvalError(f"{where}: no {' or '.join(MODEL_FILES)}")
+
+
+def check_out(path: Path, out_flag, want_dir=True):
+    """Before anything is evaluated: an output path that exists must be of the right kind.
+    out_flag: what --out was given (None: the default place), for the message."""
+    if path.exists() and path.is_dir() != want_dir:
+        where = "" if out_flag is None else f"--out {out_flag}: "
+        where += "" if out_flag is not None and Path(out_flag) == path else f"{path}: "
+        raise EvalError(where + ("not a directory" if want_dir else "is a directory"))
+
+
+def out_paths(args, models: list, data_name: str):
+    """(an output directory per checkpoint, the comparison table's path or None). --out is the
+    directory itself for one model, the parent of each model's directory with --compare."""
+    suffix = f"-{data_name}{'-notools' if args.no_tools else ''}"  # with and without tools never collide
+    if not args.compare:
+        return [Path(args.out) if args.out else Path("out/eval") / (out_names(models)[0] + suffix)], None
+    root = Path(args.out or "out/eval")
+    return [root / (n + suffix) for n in out_names(models)], root / f"compare{suffix}.md"
+
+
+def load_problems(args):
+    """-> (problems, the data's name in output paths)."""
+    from data import builtin_problems, load_eval
+
+    if not args.data:
+        problems, data_name = builtin_problems("test", BUILTIN_TEST_SIZE), "builtin-test"
+    else:
+        path = Path(args.data)
+        if path.is_dir():
+            raise EvalError(f"--data {path}: a directory, not a file")
+        try:
+            problems, data_name = load_eval(path), path.stem
+        except OSError as e:  # unreadable (permissions, a FIFO gone away): data.py only checks is_file
+            raise EvalError(f"--data {path}: cannot read ({e.strerror or e})") from None
+    problems = problems[:args.limit] if args.limit else problems
+    if not problems:
+        raise EvalError(f"--data {args.data}: no problems")
+    return problems, data_name
 
 
 def out_names(dirs) -> list:
@@ -174,21 +231,20 @@ def out_names(dirs) -> list:
     return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def run_one(model_dir: Path, args, problems, data_name: str, name: str = None) -> dict:
-    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl to its out dir,
-    --out, or else out/eval/<name>-<data> (name: out_names' for this checkpoint)."""
+def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
+    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl to `out`
+    (out_paths' directory for this checkpoint)."""
     from retool import load_model
 
-    if not model_dir.is_dir():
-        raise EvalError(f"--model {model_dir}: no such directory")
     model, tokenizer = load_model(model_dir)
     model.eval()
     res, trajs = evaluate(model, tokenizer, problems, k=args.k, temperature=args.temperature,
                           top_p=args.top_p, tools=not args.no_tools, max_new_tokens=args.max_new_tokens,
                           max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch)
-    name = f"{name or out_names([model_dir])[0]}-{data_name}{'-notools' if args.no_tools else ''}"
-    out = Path(args.out) if args.out and not args.compare else Path(args.out or "out/eval") / name
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # check_out passed, but the disk can still change during a long evaluation
+        raise EvalError(f"{out}: cannot create ({e.strerror or e})") from None
     settings = {k: getattr(args, k)
                 for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed")}
     results = {"model": str(model_dir), "data": data_name, "tools": not args.no_tools, **settings,
@@ -208,15 +264,12 @@ def plot(metrics_path: Path) -> Path:
     """Training curves from a metrics.jsonl (one JSON object per step) -> a PNG beside it."""
     if not metrics_path.is_file():
         raise EvalError(f"--plot {metrics_path}: no such file")
-    try:
-        import matplotlib
-    except ImportError:
-        raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    try:  # a binary file gets replacement characters, so it fails below as "not a JSON object"
+        text = metrics_path.read_text(errors="replace")
+    except OSError as e:
+        raise EvalError(f"--plot {metrics_path}: cannot read ({e.strerror or e})") from None
     rows = []
-    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             rows.append(json.loads(line) if line.strip() else {})
         except json.JSONDecodeError:
@@ -231,6 +284,13 @@ def plot(metrics_path: Path) -> Path:
              for title, keys in panels]
     if not any(key for _, key in found):
         raise EvalError(f"{metrics_path}: no reward/code_ratio/response_length/code_pass_rate columns")
+    try:  # after the file is checked, so a bad file is reported with or without matplotlib
+        import matplotlib
+    except ImportError:
+        raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     for ax, (title, key) in zip(axes, found):
         pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
@@ -244,6 +304,7 @@ def plot(metrics_path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=100)
+    plt.close(fig)
     os.replace(tmp, png)
     return png
 
@@ -265,7 +326,8 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="evaluate only the first N problems")
     p.add_argument("--batch", type=int, default=64, help="rows decoded at once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output directory (default out/eval/<model>-<data>)")
+    p.add_argument("--out", help="output directory (default out/eval/<model>-<data>[-notools]; with "
+                   "--compare: the folder holding those and compare-<data>[-notools].md)")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="draw training curves to a PNG and exit")
     args = p.parse_args(argv)
     args.k = args.k if args.k is not None else (32 if args.data else 1)
@@ -274,13 +336,19 @@ def parse_args(argv):
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_tool_calls < 0 or not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:
         p.error("need --max-tool-calls >= 0, --temperature >= 0 and 0 < --top-p <= 1")
+    # an empty path would quietly mean the default (for --plot: a whole evaluation instead of a plot)
+    for flag in ("model", "data", "out", "plot"):
+        if getattr(args, flag) == "":
+            p.error(f"--{flag}: empty path")
+    if args.compare and "" in args.compare:
+        p.error("--compare: empty path")
     if args.model and args.compare:
         p.error("give --model or --compare, not both")
     return args
 
 
 def main(argv=None):
-    from data import DataError, builtin_problems, load_eval
+    from data import DataError
     from retool import ModelError
 
     try:
@@ -288,26 +356,29 @@ def main(argv=None):
         if args.plot:
             print(f"wrote {plot(Path(args.plot))}")
             return 0
-        if args.data:
-            problems, data_name = load_eval(args.data), Path(args.data).stem
-        else:
-            problems, data_name = builtin_problems("test", BUILTIN_TEST_SIZE), "builtin-test"
-        problems = problems[:args.limit] if args.limit else problems
-        if not problems:
-            raise EvalError(f"--data {args.data}: no problems")
-        models = args.compare or [args.model or newest_checkpoint()]
-        rows = [(str(d), run_one(Path(d), args, problems, data_name, name))
-                for d, name in zip(models, out_names(models))]
+        problems, data_name = load_problems(args)
+        # every path is checked before the first checkpoint is evaluated (that can take hours)
+        flag = "--compare" if args.compare else "--model" if args.model else None
+        models = args.compare or [args.model or str(newest_checkpoint())]
+        for d in models:
+            check_model_dir(Path(d), flag)
+        outs, compare_md = out_paths(args, models, data_name)
+        for out in ([Path(args.out)] if args.out else []) + outs:
+            check_out(out, args.out)
+        if compare_md:
+            check_out(compare_md, args.out, want_dir=False)
+        rows = [(d, run_one(Path(d), args, problems, data_name, out)) for d, out in zip(models, outs)]
+        table = markdown_table(rows)
+        print(table)
+        if compare_md:
+            _write_atomic(compare_md, table + "\n")
     except (EvalError, DataError, ModelError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
-    table = markdown_table(rows)
-    print(table)
-    if args.compare:
-        out = Path(args.out or "out/eval")
-        _write_atomic(out / f"compare-{data_name}.md", table + "\n")
     for _, r in rows:
         print(f"wrote {r['out']}/results.json")
+    if compare_md:
+        print(f"wrote {compare_md}")
     return 0
 
 
