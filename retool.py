@@ -120,10 +120,11 @@ class ModelConfig:
                     raise ModelError(f"{where}: {key} must be a positive number, got {value!r}")
             if type(hf.get("tie_word_embeddings", False)) is not bool:
                 raise ModelError(f"{where}: tie_word_embeddings must be true or false")
-            sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-            for key in sizes + ["num_key_value_heads", "head_dim"]:
-                if (key in sizes or hf.get(key) is not None) and not (type(hf[key]) is int and hf[key] > 0):
-                    raise ModelError(f"{where}: {key} must be a positive integer, got {hf[key]!r}")
+            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim"):
+                value = hf.get(key) if key in ("num_key_value_heads", "head_dim") else hf[key]  # those two optional
+                if value is not None and not (type(value) is int and value > 0):
+                    raise ModelError(f"{where}: {key} must be a positive integer, got {value!r}")
             if heads % hf.get("num_key_value_heads", heads):
                 raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
             need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -498,7 +499,6 @@ class KVCache:
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.groups = config.num_attention_heads // config.num_key_value_heads
         self.steps = torch.arange(max_len, device=device)
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views
 
     def prepare(self, rows: list, n_new: list):
         """Set up a forward of a left-padded (R, T) chunk for slots `rows`, whose last n_new[r] tokens
@@ -524,23 +524,19 @@ class KVCache:
         # SDPA: the bottom-right causal mask as an additive bias in the cache's dtype, (R, 1, T, L)
         mask = self.steps[:self.width] <= self.positions[:, :, None]  # (R, T, L)
         self.mask = torch.zeros(mask.shape, dtype=self.k.dtype, device=device).masked_fill_(~mask, float("-inf"))[:, None]
-        if self.prefix:  # every layer's filled part as views (a gathered subset is copied per layer, after its write)
-            self.k_prefix, self.v_prefix = self.k[:, :R, :self.width].unbind(0), self.v[:, :R, :self.width].unbind(0)
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
         R, T, H, D = q.shape
         k, v = k.flatten(0, 1), v.flatten(0, 1)  # (R*T, H_kv, D)
         if self.src is not None:
             k, v = k[self.src], v[self.src]
-        self.k_layers[layer].index_put_((self.slot, self.pos), k)
-        self.v_layers[layer].index_put_((self.slot, self.pos), v)
+        self.k[layer].index_put_((self.slot, self.pos), k)
+        self.v[layer].index_put_((self.slot, self.pos), v)
         if self.flash:
-            return flash_attn()[1](q, self.k_layers[layer], self.v_layers[layer], cache_seqlens=self.seqlens,
+            return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=self.seqlens,
                                    cache_batch_idx=self.batch_idx, causal=True)
-        if self.prefix:
-            kc, vc = self.k_prefix[layer], self.v_prefix[layer]  # (R, L, H_kv, D)
-        else:
-            kc, vc = self.k[layer, self.rows, :self.width], self.v[layer, self.rows, :self.width]
+        rows = slice(0, R) if self.prefix else self.rows  # a slice is a view; a gathered subset is a copy
+        kc, vc = self.k[layer, rows, :self.width], self.v[layer, rows, :self.width]  # (R, L, H_kv, D)
         kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # (R, H_kv, L, D)
         if T == 1:  # decode: a kv head's G query heads become G queries of one head, so each key is read once
             out = F.scaled_dot_product_attention(q.reshape(R, -1, self.groups, D), kc, vc, attn_mask=self.mask)
