@@ -1128,7 +1128,19 @@ def check_flags(a, rules, flags=None):
             raise UsageError(f"--{(flags or {}).get(dest, dest).replace('_', '-')} must be {what}, got {value}")
 
 
-def check_out(a):
+def add_stage_flags(p):
+    """The flags both stages share: --preset, --activation-checkpointing, --resume."""
+    p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the other flags (default: tiny "
+                   f"without --model or for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each block in backward instead of keeping its activations (default: on "
+                        "in the real preset)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def check_paths(a):
+    if a.data is not None and not os.path.isfile(a.data):
+        raise UsageError(f"--data {a.data}: no such file")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UsageError(f"--out {a.out}: not a directory")
     if a.resume and latest_checkpoint(a.out) is None:
@@ -1138,8 +1150,6 @@ def check_out(a):
 def sft_args(argv):
     p = _Parser(prog="retool.py --stage sft", description="Cold-start SFT on code-interleaved traces. "
                 "Without --model: the tiny preset on built-in traces, on CPU, in minutes.")
-    p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the flags below (default: tiny "
-                   f"without --model or for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real)")
     for flag, kind, default, text in (
         ("model", str, None, "HF checkpoint dir to fine-tune (default: a fresh tiny model)"),
         ("data", str, None, "SFT rows, .jsonl/.json/.parquet (default: built-in traces)"),
@@ -1162,10 +1172,7 @@ def sft_args(argv):
         ("stop-after", int, None, "stop after this many steps of this run, checkpointed (--resume goes on)"),
         ("seed", int, 0, "")):
         p.add_argument("--" + flag, type=kind, default=default, help=text)
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute each block in backward instead of keeping its activations (default: on "
-                        "in the real preset)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_stage_flags(p)
     a = p.parse_args(argv)
     if a.model is not None and not os.path.isfile(os.path.join(a.model, "config.json")):
         raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
@@ -1177,9 +1184,7 @@ def sft_args(argv):
                                       "clip", "eval_every", "save_every", "stop_after"), POSITIVE),
                     "code_share": FRACTION, "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "min_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "heldout": NON_NEGATIVE})
-    check_out(a)
-    if a.data is not None and not os.path.isfile(a.data):
-        raise UsageError(f"--data {a.data}: no such file")
+    check_paths(a)
     return a
 
 
@@ -1582,8 +1587,6 @@ def rollout_metrics(records, device):
 def rl_args(argv):
     p = _Parser(prog="retool.py --stage rl", description="RL with interleaved code execution, from the "
                 "built-in SFT model (out/sft) or --model. --data: DAPO-Math-17k-shaped prompts.")
-    p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the flags below (default: tiny "
-                   f"for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real: the paper's settings)")
     p.add_argument("--model", help="starting checkpoint, HF dir (default out/sft, the built-in SFT model)")
     p.add_argument("--data", help="RL prompts, .jsonl/.json/.parquet, DAPO-Math-17k or problem/answer rows")
     p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/")
@@ -1605,10 +1608,7 @@ def rl_args(argv):
             ("kl-coef", 0.0, "k3 KL penalty against the frozen start model (0: none)"),
             ("train-problems", 4000, "built-in RL prompts"), ("save-every", 10, "steps between checkpoints")):
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute each block in backward instead of keeping its activations (default: on "
-                        "in the real preset)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_stage_flags(p)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     a.model = a.model or os.path.join("out", "sft")
@@ -1618,15 +1618,13 @@ def rl_args(argv):
     a.preset = a.preset or default_preset(a.model)
     for k, v in RL_PRESETS[a.preset].items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
-    if a.data is not None and not os.path.isfile(a.data):
-        raise UsageError(f"--data {a.data}: no such file")
     check_flags(a, {**dict.fromkeys(("steps", "prompts", "n", "max_new_tokens", "mini_batches", "micro_batch",
                                       "ppo_epochs", "lr", "critic_lr", "temperature", "grad_clip", "value_clip",
                                       "save_every", "train_problems"), POSITIVE),
                     **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high"), NON_NEGATIVE),
                     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "dual_clip": (lambda v: v > 1, "above 1")}, flags={"n": "rollouts"})
-    check_out(a)
+    check_paths(a)
     return a
 
 
