@@ -125,7 +125,9 @@ def test_capitalised_aime_fields(tmp_path):
     assert load_eval(path) == [Problem("P1", "204"), Problem("P2", "7")]
 
 
-@pytest.mark.skipif(not (SHARED / "AIME24.jsonl").is_file(), reason="no ../shared/data beside this clone")
+# ../shared lies beside every clone in CI: there (CI=true) a missing one fails this test, never skips it
+@pytest.mark.skipif(not (SHARED / "AIME24.jsonl").is_file() and not os.environ.get("CI"),
+                    reason="no ../shared/data beside this clone")
 def test_real_aime_files():
     for name in ("AIME24.jsonl", "AIME25.jsonl"):
         problems = load_eval(SHARED / name)

@@ -271,7 +271,9 @@ def test_plot_training_curves(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-@pytest.mark.skipif(not AIME24.is_file(), reason=f"{AIME24} not present (a clone outside the workspace)")
+# ../shared lies beside every clone in CI: there (CI=true) a missing one fails this test, never skips it
+@pytest.mark.skipif(not AIME24.is_file() and not os.environ.get("CI"),
+                    reason=f"{AIME24} not present (a clone outside the workspace)")
 def test_aime24_loads_and_grades():
     problems = load_eval(AIME24)
     assert len(problems) == 30 and all(p.problem for p in problems)
