@@ -4,10 +4,12 @@
   the step's matmuls and attention alone (the floor any engine pays);
 - tool-interrupted generation against plain generation of the same total length;
 - the sandbox against a fresh interpreter per snippet;
+- the grader (the RL reward) in grades/s on a mix of RL-style answers;
 - on CUDA: a 1.5B-shaped random model in bf16 and its decode roofline fraction.
 """
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -131,6 +133,41 @@ def bench_sandbox(n=200, fresh_n=10, many=1024):
     return rows
 
 
+def grading_mix(n=1000, group=8, seed=0):
+    """n (pred, gold, equal) as a rollout batch grades them: `group` answers per problem, half of them
+    right (mostly written alike), the wrong ones apart; problems 60% AIME integers, 20% fractions (the
+    exact path), 20% expressions (math-verify's)."""
+    rng, exact, symbolic = random.Random(seed), [], []
+    for i in range(n // group):
+        a, b = rng.randint(1, 999), rng.randint(2, 99)
+        symbolic_kinds = [(f"\\sqrt{{{a * a * b}}}", [f"{a}\\sqrt{{{b}}}", f"{a}\\cdot\\sqrt{{{b}}}"]),
+                          (f"\\frac{{{a}\\pi}}{{{b}}}", [f"{a}\\pi/{b}", f"\\frac{{{a}}}{{{b}}}\\pi"]),
+                          (f"x^2+{a}x", [f"x(x+{a})", f"{a}x+x^2"])]
+        for r in range(group):
+            right, other = rng.random() < 0.5, a + r + 1
+            if i % 5 < 3:
+                exact.append((f"{a:03d}" if right else str(other), str(a), right))
+            elif i % 5 == 3:
+                exact.append((f"\\frac{{{a}}}{{{b}}}" if right else f"{other}/{b}", f"{a}/{b}", right))
+            else:
+                gold, forms = symbolic_kinds[i // 5 % 3]
+                symbolic.append((forms[rng.random() < 0.25] if right else f"{forms[0]}+{r + 1}", gold, right))
+    return exact, symbolic
+
+
+def bench_grading():
+    """The RL reward's grader, each mix graded once from a cold cache."""
+    rows = []
+    exact, symbolic = grading_mix()
+    for name, mix, target in (("integer/fraction", exact, ">= 5,000/s"), ("symbolic", symbolic, ">= 200/s"),
+                              ("all", exact + symbolic, "")):
+        data.parsed.cache_clear()
+        secs, graded = timed(lambda: [data.is_equiv(p, g) for p, g, _ in mix], repeat=1)
+        assert graded == [want for *_, want in mix], "the grader got the bench's own answers wrong"
+        rows.append((f"grading, {len(mix)} answers, {name}", f"{len(mix) / secs:,.0f} grades/s", target))
+    return rows
+
+
 def bench_cuda():
     """bf16 decode of a 1.5B-shaped random model and the share of memory bandwidth it reaches."""
     cfg = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
@@ -178,6 +215,7 @@ def main():
     rows.append((f"4 tool calls / plain, {n_tool} tokens x 32 rows", f"{ratio:.2f}x time ({ratio - 1:+.0%})",
                  "<= +20%"))
     rows += bench_sandbox()
+    rows += bench_grading()
     if torch.cuda.is_available():
         rows += bench_cuda()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -6,6 +6,7 @@ engine appends `interpreter_block(feedback)` as token ids, the model goes on and
 """
 import hashlib
 import json
+import logging
 import math
 import random
 import re
@@ -17,10 +18,7 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
-try:  # HF math-verify: optional, used for the symbolic step of grading when installed
-    import math_verify
-except ImportError:
-    math_verify = None
+import math_verify
 
 # ----------------------------------------------------------------------------- config
 
@@ -457,7 +455,10 @@ def builtin_tokenizer():
 # ----------------------------------------------------------------------------- grading
 
 
-SYMPY_TIMEOUT = 2.0  # seconds; sympy can hang on adversarial or huge expressions
+SYMBOLIC_TIMEOUT = 2.0  # seconds; math-verify (sympy) can hang on adversarial or huge expressions
+SYMBOLIC_MAX_CHARS = 120  # longer answers are garbage or a derivation, not one answer: no sympy time
+PARSE_CACHE = 4096  # answers kept parsed
+DECIMAL_PLACES = 6  # math-verify's float_rounding: a decimal equals what agrees with it to 6 places
 
 
 class _Timeout(BaseException):  # BaseException: sympy's own `except Exception` must not eat it
@@ -487,13 +488,16 @@ def _normalize(s):
     s = str(s).strip()
     s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).replace("\\$", "").replace("$", "").strip()
     s = s.replace("−", "-")  # unicode minus
-    s = re.sub(r"\\text\{\s*[a-zA-Z ]*\}\s*$", "", s) if re.match(r"^[-\d.,/ ]+\\text", s) else s
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox|boxed)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(left|right|displaystyle|[,;:! ])", "", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\frac\s*(\d)", r"\\frac{\1}", s)  # \frac12, \frac3{3}
+    s = re.sub(r"(\\frac\{[^{}]*\})\s*(\d)", r"\1{\2}", s)
+    # a unit after a number or a fraction: 10\text{ cm}, \frac{1}{3} \textbf{meters}
+    s = re.sub(r"^([-\d.,/ ]+|-?\\frac\{[\d.]+\}\{[\d.]+\})\s*\\(text|textbf|mathrm|mbox)\{\s*[a-zA-Z ]*\}$",
+               r"\1", s)
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox|boxed)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|\\circ|\\?%|\\degree|°", "", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", "")
-    s = s.replace("\\{", "{").replace("\\}", "}")
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = s.replace("{,}", "").replace("\\{", "{").replace("\\}", "}")
     s = re.sub(r"\\sqrt\s*(\d+|[a-z])", r"\\sqrt{\1}", s)  # \sqrt2
     s = re.sub(r"^[a-zA-Z]\w*\s*=\s*(?=[^=]+$)", "", s)  # "x = 5" -> "5"
     s = re.sub(r"\s+", "", s).rstrip(".")
@@ -545,53 +549,14 @@ def _elements(s):
     return "", _split_top(s)
 
 
-def _to_sympy_src(s):
-    for _ in range(3):  # nested powers / fractions / roots, innermost first
-        s = re.sub(r"\^\{([^{}]*)\}", r"**(\1)", s)
-        s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
-        s = re.sub(r"\\sqrt\[([^\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", s)
-        s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
-    s = s.replace("\\pi", "pi").replace("π", "pi").replace("\\infty", "oo").replace("\\ln", "log")
-    s = re.sub(r"\\(cdot|times)", "*", s).replace("^", "**").replace("{", "(").replace("}", ")")
-    s = re.sub(r"\\(sin|cos|tan|log|exp)", r"\1", s)
-    # whitelist: parse_expr evaluates Python, and model output is untrusted
-    if len(s) > 120 or not re.fullmatch(r"[\w+\-*/().]*", s) or "__" in s:
-        return None
-    if any(w not in ("sqrt", "pi", "oo", "log", "sin", "cos", "tan", "exp", "e", "I") and len(w) > 1
-           for w in re.findall(r"[a-zA-Z_]\w*", s)) or s.count("**") > 2:
-        return None
-    return s
-
-
-def _sympy_equal(a, b):
-    import sympy
-    from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
-                                            rationalize, standard_transformations)
-    sa, sb = _to_sympy_src(a), _to_sympy_src(b)
-    if sa is None or sb is None:
-        return False
-    tr = standard_transformations + (implicit_multiplication_application, rationalize)  # 0.1 = 1/10
-    ea, eb = (parse_expr(x, transformations=tr, evaluate=False) for x in (sa, sb))
-    if ea.free_symbols or eb.free_symbols:
-        return sympy.simplify(ea - eb) == 0
-    va, vb = sympy.N(ea, 50), sympy.N(eb, 50)
-    if not all(v == 0 or 1e-300 < abs(v) < 1e300 for v in (va, vb)):
-        return ea == eb  # infinities, or too big / small to work out exactly: the same expression only
-    scale = max(abs(va), abs(vb), 1e-100)  # evalf gives an exact 0 as noise, ~1e-159
-    if abs(va - vb) > 1e-9 * scale:
-        return False
-    d = sympy.simplify(ea - eb)  # exact; a tolerance (40 digits) only where d stays irrational
-    return d == 0 if d.is_Rational else abs(sympy.N(d, 50)) <= 1e-40 * scale
-
-
 def _with_timeout(fn, *args):
-    """fn(*args) or False after SYMPY_TIMEOUT s: SIGALRM in the main thread, else a daemon thread
-    (a runaway call is then abandoned, not killed; the whitelist keeps that rare)."""
+    """fn(*args) or False after SYMBOLIC_TIMEOUT s: SIGALRM in the main thread, else a daemon thread
+    (a runaway call is then abandoned, not killed)."""
     if threading.current_thread() is threading.main_thread():
         def _raise(*_):
             raise _Timeout
         old = signal.signal(signal.SIGALRM, _raise)
-        caller = signal.setitimer(signal.ITIMER_REAL, SYMPY_TIMEOUT)
+        caller = signal.setitimer(signal.ITIMER_REAL, SYMBOLIC_TIMEOUT)
         try:
             return bool(fn(*args))
         except (Exception, _Timeout):
@@ -608,27 +573,41 @@ def _with_timeout(fn, *args):
             pass
     t = threading.Thread(target=_run, daemon=True)
     t.start()
-    t.join(SYMPY_TIMEOUT)
+    t.join(SYMBOLIC_TIMEOUT)
     return box[0] if not t.is_alive() else False
 
 
+# math-verify's own timeouts use SIGALRM, which raises outside the main thread: ours wraps each call
+# instead, so its once-a-process note that they are off is noise
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
+
+
+@lru_cache(maxsize=PARSE_CACHE)
+def parsed(s):
+    """math-verify's parse of one answer (~10 ms of ANTLR): a group's rollouts share a gold, and its
+    right answers are mostly written alike."""
+    return math_verify.parse(f"${s}$", parsing_timeout=None)
+
+
 def _math_verify_equal(a, b):
-    # its own timeouts use SIGALRM too (main thread only): switch them off, ours wraps the call
-    g, p = (math_verify.parse(f"${x}$", parsing_timeout=None) for x in (b, a))
-    return math_verify.verify(g, p, timeout_seconds=None)
+    g, p = parsed(b), parsed(a)
+    return math_verify.verify(g, p, float_rounding=DECIMAL_PLACES, timeout_seconds=None)
 
 
 def _equiv(a, b, depth=0):
     if a == b:
         return True
     na, nb = _number(a), _number(b)
-    if na is not None and nb is not None:
+    if na is not None and nb is not None:  # as math-verify decides them, at a fraction of its cost
+        if "." in a + b:
+            return round(na, DECIMAL_PLACES) == round(nb, DECIMAL_PLACES)
         return na == nb
     (ba, pa), (bb, pb) = _elements(a), _elements(b)
     if len(pa) > 1 or len(pb) > 1:  # tuples, intervals, sets, bare lists
-        if len(pa) != len(pb) or len(pa) > 16 or depth > 2:
+        if len(pa) != len(pb) or len(pa) > 16 or depth > 2 or ba != bb:
             return False
-        if ba in ("", "{}") and bb in ("", "{}"):  # sets and bare lists: order-free, 1-to-1
+        if ba == "{}":  # sets: order-free, 1-to-1; bare lists and brackets are ordered
             left = list(pb)
             for x in pa:
                 hit = next((i for i, y in enumerate(left) if _equiv(x, y, depth + 1)), None)
@@ -636,11 +615,10 @@ def _equiv(a, b, depth=0):
                     return False
                 left.pop(hit)
             return True
-        return ba == bb and all(_equiv(x, y, depth + 1) for x, y in zip(pa, pb))
-    import sympy.parsing.sympy_parser  # noqa: F401  (first import is slow: keep it outside the cap)
-    if math_verify is not None and _with_timeout(_math_verify_equal, a, b):
-        return True
-    return _with_timeout(_sympy_equal, a, b)
+        return all(_equiv(x, y, depth + 1) for x, y in zip(pa, pb))
+    if max(len(a), len(b)) > SYMBOLIC_MAX_CHARS:
+        return False
+    return _with_timeout(_math_verify_equal, a, b)
 
 
 def is_equiv(pred, gold):
