@@ -1,5 +1,8 @@
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +147,11 @@ def test_grades_in_threads_like_a_reward_pool():
     for t in threads:
         t.join()
     assert results == [[True, True, False]] * 4
+
+
+def test_grading_prints_nothing():
+    # math-verify warns (once a process) that its signal timeouts are off: ours replace them, the note is silenced
+    code = "import data\nfor _ in range(3):\n    assert data.is_equiv('2\\\\sqrt{2}', '\\\\sqrt{8}')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(data.__file__).parent, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
