@@ -46,10 +46,13 @@ TOOL_ROLES = ("tool", "ipython", "function")  # split-form interpreter outputs
 WRAPPERS = [
     re.compile(r"Solve the following math problem step by step\..*?\n\n(.*?)\s*"
                r"(?:Remember to put your answer on its own line after \"Answer:\".*)?", re.S),
-    re.compile(r".*?\*user question:\*\s*(.*?)\s*(?:Remember to place the final answer.*)?", re.S),
+    re.compile(r".*?\*user question:\*\s*(?:Answer the following Math Problem and put the answer in the "
+               r"format of \\boxed\{\{?answer\}\}?\s*)?(.*?)\s*(?:Remember to place the final answer.*)?", re.S),
 ]
+QUERY = "{query}"  # where --prompt-template puts the bare problem
 # one interpreter block inside assistant text; whitespace around it is re-rendered canonically
 INTERPRETER_RE = re.compile(r"\s*<interpreter>\n?(.*?)</interpreter>[ \t]*\n?", re.S)
+OFFICIAL_INTERPRETER_RE = re.compile(r"\s*<interpreter>\n?(.*?)</interpreter>[ \t]*\n{0,2}", re.S)
 
 
 class DataError(Exception):
@@ -216,35 +219,69 @@ def load_sft(path) -> list[list[dict]]:
 
 # ----------------------------------------------------------------------------- prompts and traces
 
-def render_prompt(tokenizer, problem: str, tools=True) -> list[int]:
-    """Prompt ids ending with the assistant header. tools=None: the problem text is used as is
-    (for data whose user turn already carries its own instruction)."""
+def load_template(spec: str) -> str:
+    """--prompt-template: a text file with {query}, or a JSON file of one string value, or
+    FILE.json:KEY (the official prompt_template.json: key `retool`, applied with str.format)."""
+    path, key = spec.rsplit(":", 1) if re.search(r"\.json:[^/\\]+$", spec, re.I) else (spec, None)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--prompt-template {path}: no such file")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--prompt-template {path}: invalid JSON ({e.msg})") from None
+        strings = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+        if key is None and len(strings) != 1:
+            raise DataError(f"--prompt-template {path}: {len(strings)} string values, name one as "
+                            f"{path}:KEY (keys: {', '.join(strings) or 'none'})")
+        if key is not None and key not in strings:
+            raise DataError(f"--prompt-template {path}: no string value '{key}' (keys: {', '.join(strings)})")
+        text = strings[key] if key else next(iter(strings.values()))
+    try:
+        has_query = "\0" in text.format(query="\0")
+    except (KeyError, IndexError, ValueError) as e:  # other fields, or a lone brace
+        raise DataError(f"--prompt-template {spec}: not a str.format template with only {QUERY} ({e!r})") from None
+    if not has_query:
+        raise DataError(f"--prompt-template {spec}: no {QUERY} in the template")
+    return text
+
+
+def render_prompt(tokenizer, problem: str, tools=True, template=None) -> list[int]:
+    """Prompt ids ending with the assistant header, through the tokenizer's own chat template (Qwen2.5
+    adds its default system turn). With a template (load_template) the user turn is the template
+    applied to the problem; else our instruction and the problem. tools=None: the problem as is."""
     instruction = {True: TOOL_INSTRUCTION, False: TEXT_INSTRUCTION, None: None}[tools]
     content = problem if instruction is None else f"{instruction}\n\n{problem}"
+    content = content if template is None else template.format(query=problem)
     return list(tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                               add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
 
 
-def interpreter_block(feedback: str) -> str:
-    return "\n<interpreter>\n" + feedback.rstrip("\n") + "\n</interpreter>\n"
+def interpreter_block(feedback: str, official=False) -> str:
+    """What follows the model's </code>. official: the official ReTool harness's bytes (after
+    `</code>`: "\n<interpreter>\n" + output + "</interpreter>\n\n", output ending in a newline)."""
+    return "\n<interpreter>\n" + feedback.rstrip("\n") + "\n</interpreter>\n" + ("\n" if official else "")
 
 
 def code_block(code: str) -> str:
     return f"<code>\n```python\n{code}\n```\n</code>"
 
 
-def encode_interpreter(tokenizer, feedback: str) -> list[int]:
+def encode_interpreter(tokenizer, feedback: str, official=False) -> list[int]:
     # tokenized alone, so its ids never merge with the model's text around it
-    return tokenizer.encode(interpreter_block(feedback), add_special_tokens=False)
+    return tokenizer.encode(interpreter_block(feedback, official), add_special_tokens=False)
 
 
-def tokenize_trace(tokenizer, messages, tools=True) -> tuple[list[int], list[int]]:
+def tokenize_trace(tokenizer, messages, tools=True, template=None) -> tuple[list[int], list[int]]:
     """(ids, loss mask) of a conversation, built the way the engine builds it: prompt ids, then
     model-text segments and interpreter blocks each tokenized alone, then EOS. Mask is 0 on the
-    prompt and interpreter ids, 1 on the model's own ids and the final EOS."""
+    prompt and interpreter ids, 1 on the model's own ids and the final EOS. A template (load_template)
+    also means the official interpreter block."""
     user, text = _prompt_and_response(messages)
-    ids = render_prompt(tokenizer, user, tools)
+    ids = render_prompt(tokenizer, user, tools, template)
     mask = [0] * len(ids)
 
     def add(new, m):
@@ -252,9 +289,9 @@ def tokenize_trace(tokenizer, messages, tools=True) -> tuple[list[int], list[int
         mask.extend([m] * len(new))
 
     pos = 0
-    for match in INTERPRETER_RE.finditer(text):
+    for match in (INTERPRETER_RE if template is None else OFFICIAL_INTERPRETER_RE).finditer(text):
         add(tokenizer.encode(text[pos:match.start()], add_special_tokens=False), 1)
-        add(encode_interpreter(tokenizer, match.group(1)), 0)
+        add(encode_interpreter(tokenizer, match.group(1), template is not None), 0)
         pos = match.end()
     add(tokenizer.encode(text[pos:], add_special_tokens=False) + [tokenizer.eos_token_id], 1)
     return ids, mask

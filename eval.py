@@ -123,8 +123,9 @@ def markdown_table(rows: list) -> str:
 # evaluation
 
 def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.7, tools=True,
-             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True):
+             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True, template=None):
     """Sample k responses per problem (one sandbox shared by all of them) and grade them.
+    template: a --prompt-template (data.load_template), with the official interpreter format.
     -> (compute_metrics(...) dict, list of trajectories)."""
     from tqdm import tqdm
 
@@ -132,7 +133,7 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
     from retool import generate
     from sandbox import Sandbox
 
-    prompts = [render_prompt(tokenizer, p.problem, tools=tools) for p in problems for _ in range(k)]
+    prompts = [render_prompt(tokenizer, p.problem, tools, template) for p in problems for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))]  # per prompt: chunking never changes a sample
     # generate batches continuously within a call; calls of 4 x max_batch prompts let the bar move
     chunk = 4 * max_batch
@@ -143,7 +144,7 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
             trajectories += generate(model, tokenizer, prompts[s:s + chunk], max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seeds[s:s + chunk],
                                      tool=sb.run_many if sb else None, max_tool_calls=max_tool_calls,
-                                     max_batch=max_batch)
+                                     max_batch=max_batch, official=template is not None)
             bar.update(len(prompts[s:s + chunk]))
     return compute_metrics(trajectories, [p.answer for p in problems]), trajectories
 
@@ -240,13 +241,14 @@ def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
     model.eval()
     res, trajs = evaluate(model, tokenizer, problems, k=args.k, temperature=args.temperature,
                           top_p=args.top_p, tools=not args.no_tools, max_new_tokens=args.max_new_tokens,
-                          max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch)
+                          max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch,
+                          template=args.template)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # check_out passed, but the disk can still change during a long evaluation
         raise EvalError(f"{out}: cannot create ({e.strerror or e})") from None
     settings = {k: getattr(args, k)
-                for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed")}
+                for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed", "prompt_template")}
     results = {"model": str(model_dir), "data": data_name, "tools": not args.no_tools, **settings,
                "metrics": res["metrics"], "per_problem": [
                    dict(problem=p.problem, **r) for p, r in zip(problems, res["per_problem"])]}
@@ -326,6 +328,8 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="evaluate only the first N problems")
     p.add_argument("--batch", type=int, default=64, help="rows decoded at once")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-template", metavar="FILE[:KEY]", help="user turn: this {query} template on the bare "
+                   "problem (.txt, or .json like the official prompt_template.json), official interpreter format")
     p.add_argument("--out", help="output directory (default out/eval/<model>-<data>[-notools]; with "
                    "--compare: the folder holding those and compare-<data>[-notools].md)")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="draw training curves to a PNG and exit")
@@ -349,10 +353,12 @@ def parse_args(argv):
 
 def main(argv=None):
     from data import DataError
+    from data import load_template
     from retool import ModelError
 
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        args.template = load_template(args.prompt_template) if args.prompt_template else None
         if args.plot:
             print(f"wrote {plot(Path(args.plot))}")
             return 0

@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (DataError, builtin_problems, builtin_sft_traces, builtin_tokenizer, encode_interpreter,
+from data import (DataError, builtin_problems, builtin_sft_traces, builtin_tokenizer, interpreter_block, load_template,
                   load_rl, load_sft, render_prompt, reward, tokenize_trace)
 from sandbox import Sandbox
 
@@ -627,6 +627,20 @@ def stop_ids(tokenizer) -> set:
     return ids
 
 
+def close_code(tokenizer, response_ids, block: str) -> tuple[bool, list]:
+    """(keep the last id?, ids to inject) once a row's code ran, `block` the interpreter text that
+    follows </code>. BPE may complete the tag with a merged token ('>\n', '></'): text past the tag
+    that starts the block stays sampled and only the rest is injected; any other text past it is
+    dropped with its token, whose text up to the tag comes back injected. Either way the stream's
+    text reads `</code>` + block, as in tokenize_trace, and no sampled id is re-encoded."""
+    tail = decode(tokenizer, response_ids[-len("</code>"):])
+    extra = tail[tail.rfind("</code>") + len("</code>"):]
+    if block.startswith(extra):
+        return True, tokenizer.encode(block[len(extra):], add_special_tokens=False)
+    head = decode(tokenizer, response_ids[-1:])[:-len(extra)]
+    return False, tokenizer.encode(head, add_special_tokens=False) + tokenizer.encode(block, add_special_tokens=False)
+
+
 def run_tool(tool, codes):
     """A tool failure of any kind becomes the feedback of its calls, never a crashed rollout."""
     try:
@@ -640,14 +654,16 @@ def run_tool(tool, codes):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=()):
+             tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=(), official=False):
     """Sample a response for every prompt (strings or token-id lists) -> list[Trajectory].
 
     At most max_batch rows decode at once; a finished row frees its slot for the next prompt. With a
     tool (list of code strings -> list of feedback strings or sandbox Results), a row whose text
     gains </code> waits for its code to run while the others keep decoding, then gets
-    encode_interpreter(feedback) fed into its cache as one chunk. seed: an int, or one per
-    prompt (rollouts that must not depend on how prompts are split across ranks)."""
+    its interpreter block fed into its cache as one chunk. seed: an int, or one per
+    prompt (rollouts that must not depend on how prompts are split across ranks). official: the
+    official ReTool interpreter block (data.interpreter_block). Ids past len(tokenizer) (a padded
+    head's rows) are never sampled."""
     prompts = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
     if not prompts:
         return []
@@ -718,7 +734,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         with contextlib.nullcontext() if isinstance(model, FSDPModule) else torch.inference_mode():
             cache.prepare([row.index(i) for i in indices], [len(c) for c in chunks])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(ids, cache=cache)[:, -1].float()  # (R, V)
+                logits = model(ids, cache=cache)[:, -1, :len(tokenizer)].float()  # (R, V): no padded ids
             cache.commit()
             uniforms = torch.tensor([rng[i].random() for i in indices])
             tokens, logps = sample(logits, temperature, top_p, top_k, uniforms)
@@ -738,12 +754,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
                 for i, (feedback, status) in zip(running.pop(f), f.result()):
                     t = results[i]
                     t.tool_calls[-1].feedback, t.tool_calls[-1].status = feedback, status
-                    block = encode_interpreter(tokenizer, feedback)
+                    keep, block = close_code(tokenizer, t.response_ids, interpreter_block(feedback, official))
+                    if not keep:
+                        del t.response_ids[-1], t.loss_mask[-1], t.logprobs[-1]
                     if len(t.response_ids) + len(block) >= max_new_tokens or \
                             len(t.prompt_ids) + len(t.response_ids) + len(block) >= max_total_len:
                         finish(i, "length")
                         continue
-                    pending[i] = [t.response_ids[-1]] + block
+                    pending[i] = ([t.response_ids[-1]] if keep else []) + block
                     t.response_ids += block
                     t.loss_mask += [0] * len(block)
                     t.logprobs += [0.0] * len(block)
@@ -1129,16 +1147,19 @@ def check_flags(a, rules, flags=None):
 
 
 def add_stage_flags(p):
-    """The flags both stages share: --preset, --activation-checkpointing, --resume."""
+    """The flags both stages share: --preset, --activation-checkpointing, --resume, --prompt-template."""
     p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the other flags (default: tiny "
                    f"without --model or for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward instead of keeping its activations (default: on "
                         "in the real preset)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--prompt-template", metavar="FILE[:KEY]", help="user turn: this {query} template on the bare "
+                   "problem (.txt, or .json like the official prompt_template.json), official interpreter format")
 
 
 def check_paths(a):
+    a.template = load_template(a.prompt_template) if a.prompt_template else None
     if a.data is not None and not os.path.isfile(a.data):
         raise UsageError(f"--data {a.data}: no such file")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
@@ -1225,7 +1246,7 @@ def _sft_run(a):
         model = build_model({**TINY_CONFIG, "vocab_size": len(tok)}, a.seed)
     model.activation_checkpointing = a.activation_checkpointing
     traces = load_sft(a.data) if a.data else builtin_sft_traces(a.n_traces, seed=a.seed, code_share=a.code_share)
-    docs = [tokenize_trace(tok, m) for m in traces]
+    docs = [tokenize_trace(tok, m, template=a.template) for m in traces]
     random.Random(a.seed).shuffle(docs)
     held, train = docs[:min(a.heldout, len(docs) // 10)], docs[min(a.heldout, len(docs) // 10):]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -1426,12 +1447,13 @@ def collate(records, keys):
 def rollout(policy, tokenizer, jobs, args, tool, step):
     """n rollouts for each (global prompt index j, Problem) job, in one generate call. Every row is
     seeded from (seed, step, j, rollout) only, so sharding prompts over ranks changes no rollout."""
-    prompts = [render_prompt(tokenizer, p.problem, tools=not args.no_tools) for _, p in jobs]
+    prompts = [render_prompt(tokenizer, p.problem, not args.no_tools, args.template) for _, p in jobs]
     seeds = [((args.seed * 1_000_003 + step) * 100_003 + j) * 1_009 + i for j, _ in jobs for i in range(args.n)]
     trajs = generate(policy, tokenizer, [x for x in prompts for _ in range(args.n)],
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, tool=None if args.no_tools else tool,
-                     max_tool_calls=args.max_tool_calls, seed=[s % 2**63 for s in seeds])
+                     max_tool_calls=args.max_tool_calls, seed=[s % 2**63 for s in seeds],
+                     official=args.template is not None)
     golds = [p.answer for _, p in jobs for _ in range(args.n)]
     return [to_record(t, g, tokenizer) for t, g in zip(trajs, golds)]
 
