@@ -212,3 +212,16 @@ def test_bad_templates_are_one_line_errors(tmp_path, capsys, name, content, erro
     assert len(err) == 2 and all(error in line and str(path) in line for line in err)
     if name == "two.json":  # FILE:KEY picks one
         assert data.load_template(f"{path}:b").format(query="x") == "B x"
+
+
+def test_a_tokenizer_that_prepends_bos_gets_it_once(template):
+    need_real()  # Llama-style: encode() prepends BOS and the chat template writes it too
+    tok = transformers.AutoTokenizer.from_pretrained(REAL / "qwen2.5-tokenizer", bos_token="<|endoftext|>",
+                                                     add_bos_token=True)
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    assert tok.encode("x")[0] == tok.bos_token_id
+    ids, mask = data.tokenize_trace(tok, MESSAGES, template=template)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    keep, injected = retool.close_code(tok, tok.encode("</code>", add_special_tokens=False),
+                                       data.interpreter_block("1", official=True))
+    assert keep and tok.bos_token_id not in injected
