@@ -1,10 +1,34 @@
 """A fast, really isolating code interpreter for ReTool rollouts (standard library only).
 
-A warm zygote (fresh interpreter, fixed secret-free env, math stack imported with BLAS threads at 1,
-SysV IPC off, whole filesystem read-only) forks a worker per slot: own network namespace with no
-interface up, own tmpfs /tmp wiped after each snippet, a /proc hiding others. Per snippet a worker
-forks a child: init of a new PID namespace (its whole tree dies with it), new session, rlimits, the
-worker's own uid, no_new_privs, SIGKILL on parent death. `Sandbox.isolation` says what is active.
+Processes (who forks whom, which channel carries what):
+
+    supervisor   the caller (trainer, eval, CLI); one thread per running snippet reads its pipes
+      | spawns once: a fresh interpreter, never a fork of a caller that may run threads
+    zygote       imports numpy/sympy once; enters a user namespace when not root, then IPC and mount
+      |          namespaces (the host read-only); ctl socket: "w" + a socket end -> forks a worker, "+"
+    worker       one per slot, init of its own PID namespace, own network namespace, /proc and /tmp.
+      |          It never sees snippet data: "run" + 4 fds (stdout, stderr, code, ready) -> it forks,
+      |          answers "pid" + a pidfd, then "exit" + wait status + rusage; a fresh /tmp after each.
+    snippet      init of a new PID namespace; confines itself, reads the code from its pipe, writes
+                 "r" on ready (so only a real set-up failure is `internal`), runs; stdout/stderr go
+                 straight to the supervisor, which enforces the deadline and the output cap.
+
+Protections (`Sandbox.isolation` says which the kernel granted; a refused one is warned about once):
+
+    user_namespace   unshare(CLONE_NEWUSER), user -> root   lets a non-root user apply all of the below
+    ipc_namespace    CLONE_NEWIPC + SysV/mqueue limits 0    shared memory or queues outliving a snippet
+    mount_namespace  mount_setattr(RDONLY|NOSUID), tmpfs    writes to the host; setuid binaries; files
+                     /tmp and /dev/shm fresh per snippet    planted for the next snippet; unwipeable trees
+    net_namespace    CLONE_NEWNET, no interface up          any network, the host's loopback included
+    pid_namespace    CLONE_NEWPID per worker and snippet    seeing or signalling host processes; survivors
+    private_proc     proc of the worker's PID ns, hidepid=2 reading the supervisor's environment
+    uid_drop         root: uid 2^20+pid; user: own user ns  fork bombs across workers (RLIMIT_NPROC)
+    no_new_privs     prctl(PR_SET_NO_NEW_PRIVS)             gaining privileges through exec
+    seccomp          BPF filter                             keyrings (not namespaced), AF_UNIX path sockets,
+                                                            AF_VSOCK, memfd pages outside the caps
+    memory_cgroup    memory cgroup per worker               many processes together above memory_mb
+    parent_death_signal  prctl(PR_SET_PDEATHSIG, SIGKILL)   a snippet outliving its worker
+    rlimits          setrlimit, setsid                      CPU, address space, files, fds, core dumps
 
 Result.feedback is what the model reads in <interpreter> (~max_output chars, head + tail): ok: stdout;
 error (memory for a MemoryError): stdout so far + the last stderr line, i.e. the exception; timeout:
@@ -13,23 +37,313 @@ ceiling); internal: "Sandbox error: ..." (the machinery failed: run() never rais
 holder process keeps the state; a cell runs in a fork of it and, if it succeeds, becomes the holder,
 else dies (rollback). Files in /tmp are not rolled back.
 """
-import array, contextlib, ctypes, gc, importlib, json, linecache, os, pickle, queue, re, resource, select  # noqa: E401
-import shutil, signal, socket, struct, subprocess, sys, threading, time, traceback, types, warnings  # noqa: E401
+import argparse
+import array
+import contextlib
+import ctypes
+import gc
+import importlib
+import json
+import linecache
+import os
+import platform
+import pwd
+import queue
+import re
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
 
 PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
-ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "USER": "sandbox", "LANG": "C.UTF-8",
-       **dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"), "1")}
+BLAS_THREADS = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"), "1")
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "USER": "sandbox", "LANG": "C.UTF-8", **BLAS_THREADS}
+ISOLATION = ("user_namespace", "ipc_namespace", "mount_namespace", "net_namespace", "pid_namespace", "private_proc",
+             "uid_drop", "no_new_privs", "seccomp", "memory_cgroup", "parent_death_signal", "rlimits")
 UID_BASE = 1 << 20  # + the worker's pid: a uid per worker, so no NPROC count or signal crosses workers
-NPROC, NOFILE = 128, 256  # processes+threads per worker uid; open files per process
-MARK, INTERNAL = "\n[... output truncated ...]\n", 254  # INTERNAL: exit code when confinement failed
-ISOLATION = ("new_session", "empty_env", "rlimits", "pid_namespace", "net_namespace", "ipc_namespace",
-             "mount_namespace", "uid_drop", "no_new_privs", "parent_death_signal")
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x08000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 0x1000, 0x4000, 0x40000
+NPROC, NOFILE = 128, 256  # processes+threads per snippet; open files per process
+MARK = "\n[... output truncated ...]\n"
+REAP_GRACE_S = 10  # a worker that has not reaped a killed snippet by then is broken
+WORKER_START_S = 300  # the zygote imports numpy and sympy first
+
+
+@dataclass
+class Result:
+    status: str  # ok | error | memory | timeout | killed | internal
+    stdout: str
+    stderr: str
+    exit_code: int | None  # negative: killed by that signal
+    wall_s: float
+    cpu_s: float
+    feedback: str  # what the model sees (module docstring)
+
+
+def _internal(err):
+    return Result("internal", "", "", None, 0.0, 0.0, f"Sandbox error: {err}")
+
+
+@dataclass
+class Config:
+    timeout: float = 5.0
+    memory_mb: int = 1024
+    max_output: int = 1000
+    preload: tuple = PRELOAD
+    max_bytes: int = 1 << 22
+    disk_mb: int = 64
+
+
+_WARNED = set()
+
+
+class _Closing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Sandbox(_Closing):
+    """Run untrusted snippets; thread-safe; run/run_many never raise for what a snippet does."""
+
+    def __init__(self, timeout=5.0, memory_mb=1024, max_output=1000, workers=None, preload=PRELOAD,
+                 max_bytes=1 << 22, disk_mb=64):
+        self.cfg = Config(float(timeout), int(memory_mb), int(max_output), tuple(preload), int(max_bytes), int(disk_mb))
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self._lock, self._idle, self._all = threading.Lock(), queue.SimpleQueue(), []
+        self._start()
+        for _ in range(self.workers):
+            self._idle.put(self._new_worker())
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox")
+
+    def run(self, code):
+        worker = self._idle.get()
+        try:
+            return self._call(worker, lambda: _run(worker, code, self.cfg))
+        finally:
+            self._idle.put(worker)
+
+    def run_many(self, codes):
+        """Concurrently on `workers` workers; results in input order."""
+        return list(self._pool.map(self.run, codes))
+
+    def session(self):
+        return Session(self)
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+        for worker in self._all:
+            worker.sock.close()  # each worker kills its child and exits
+        self._ctl.close()  # then the zygote exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(10)
+        self._proc.kill()  # a no-op once it exited
+
+    def _start(self):
+        """The zygote is a fresh interpreter, never a fork of a caller that may run threads."""
+        self._ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cfg = json.dumps(asdict(self.cfg))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), "--zygote", cfg, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)  # a ^C meant for the trainer does not reach it
+        theirs.close()
+        self._ctl.settimeout(WORKER_START_S)
+        hello = self._ctl.recv(1 << 16)
+        if not hello:
+            raise RuntimeError("the sandbox zygote failed to start (its error is printed above)")
+        hello = json.loads(hello)
+        self.isolation = hello["isolation"]
+        refused = {k for k, v in self.isolation.items() if not v} | {f"preload of {m}" for m in hello["missing"]}
+        for what in sorted(refused - _WARNED):
+            _WARNED.add(what)
+            warnings.warn(f"sandbox: {what} refused here; running without it{_ADVICE.get(what, '')}", RuntimeWarning, 3)
+
+    def _new_worker(self, worker=None):
+        """A worker: a fork of the zygote holding the other end of a socket pair (filled into `worker`)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self._lock:
+                for _ in range(2):  # a zygote found dead (or dying) is replaced, once
+                    if self._proc.poll() is not None:
+                        self._ctl.close()
+                        self._start()
+                    with contextlib.suppress(OSError):
+                        self._ctl.sendmsg([b"w"], [_rights(theirs.fileno())])
+                        if self._ctl.recv(1):
+                            break  # the zygote confirmed the fork
+                    self._proc.kill()
+                    self._proc.wait()
+                else:
+                    raise RuntimeError("the sandbox zygote cannot start a worker")
+        finally:
+            theirs.close()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel stamps each sender's pid
+        if worker is None:
+            worker = _Worker(ours)
+            self._all.append(worker)
+        else:
+            worker.sock = ours
+        return worker
+
+    def _call(self, worker, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - the machinery failed, not the snippet
+            worker.sock.close()  # retired: a hung worker sees EOF and exits, and its child with it
+            with contextlib.suppress(Exception):  # else retried on the next call
+                self._new_worker(worker)  # in place: the idle queue or the session keeps a live one
+            return _internal(repr(e))
+
+
+_ADVICE = {
+    "user_namespace": ": this host forbids unprivileged user namespaces, so snippets run as you and can read "
+                      "and write what you can (enable them: sysctl kernel.unprivileged_userns_clone=1 or "
+                      "user.max_user_namespaces > 0; in Docker, run with --security-opt seccomp=unconfined), "
+                      "or run as root",
+    "memory_cgroup": ": memory_mb caps each process of a snippet, not all of them together (run as root, or "
+                     "delegate a memory cgroup)",
+}
+
+
+@dataclass
+class _Worker:
+    sock: socket.socket  # supervisor's end; the worker process holds the other
+
+
+# ----------------------------------------------------------------------------- supervisor side of a snippet
+def _run(worker, code, cfg):
+    """One snippet on `worker`: hand it the pipes, feed the code, watch until the end or a limit."""
+    t0, pipes = time.monotonic(), [os.pipe() for _ in range(4)]  # stdout, stderr, code, ready
+    (out_r, out_w), (err_r, err_w), (code_r, code_w), (ready_r, ready_w) = pipes
+    run = _Running(worker.sock)
+    try:
+        worker.sock.sendmsg([b"run"], [_rights(out_w, err_w, code_r, ready_w)])
+        _close(out_w, err_w, code_r, ready_w)
+        run.wait_for(b"pid", t0 + REAP_GRACE_S)
+        with contextlib.suppress(BrokenPipeError):  # a child that failed to set up reads nothing
+            with open(code_w, "wb", closefd=False) as f:
+                f.write(code.encode(errors="replace"))
+        os.close(code_w)
+        code_w = None
+        bufs = {out_r: bytearray(), err_r: bytearray(), ready_r: bytearray()}
+        why = _watch(bufs, [run.pidfd], t0 + cfg.timeout, cfg.max_bytes)
+        if why:
+            signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # init of its PID ns: its whole tree goes
+        run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
+    finally:
+        _close(out_r, err_r, ready_r, code_w, run.pidfd)
+    if bufs[ready_r] != b"r":
+        raise RuntimeError(bufs[ready_r].decode(errors="replace").strip() or "the snippet's set-up failed")
+    return _finish(why, run.exit_code, run.oom, bufs[out_r], bufs[err_r], time.monotonic() - t0, run.cpu_s, cfg)
+
+
+class _Running:
+    """The worker's messages about one child: "pid" + pidfd, then "exit" + wait status, rusage, OOM flag."""
+    pidfd = exit_code = cpu_s = oom = None
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def wait_for(self, word, deadline):
+        while True:
+            if not select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))[0]:
+                raise TimeoutError(f"no {word.decode()!r} from the sandbox worker")
+            msg, anc, _, _ = self.sock.recvmsg(64, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12))
+            if not msg:
+                raise EOFError("the sandbox worker died")
+            fds = _fds(anc)
+            if msg == b"pid" and fds:
+                self.pidfd = fds[0]
+            elif msg.startswith(b"exit"):
+                status, user_s, user_us, sys_s, sys_us, self.oom = struct.unpack("=i4qi", msg[4:])
+                self.exit_code = os.waitstatus_to_exitcode(status)
+                self.cpu_s = user_s + user_us / 1e6 + sys_s + sys_us / 1e6  # ru_utime, ru_stime (timevals)
+            if msg.startswith(word):
+                return
+
+
+def _watch(bufs, events, deadline, max_bytes):
+    """Drain all pipes {fd: bytearray} at once (a flood on one never blocks the other) until all are
+    at EOF and every fd in events is readable. Returns None, "timeout" or "output"."""
+    poll, live, waiting = select.poll(), dict(bufs), set(events)
+    for fd in (*live, *events):
+        poll.register(fd, select.POLLIN)
+    while live or waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        for fd, _ in poll.poll(left * 1000):
+            if fd in waiting:
+                waiting.discard(fd)
+                poll.unregister(fd)
+                continue
+            data = os.read(fd, 1 << 16)
+            if not data:
+                poll.unregister(fd)
+                del live[fd]
+                continue
+            live[fd] += data
+            if sum(map(len, bufs.values())) > max_bytes:
+                return "output"
+    return None
+
+
+def _cap(s, n):
+    """First and last n/2 characters with a marker between (the official code keeps 200 + 200)."""
+    return s if len(s) <= n else s[:n // 2] + MARK + s[len(s) - n // 2:]
+
+
+def _signal_name(n):
+    if n in (s.value for s in signal.Signals):
+        return signal.Signals(n).name
+    return f"SIGRTMIN+{n - signal.SIGRTMIN}"  # real-time signals have no name
+
+
+def _finish(why, code, oom, out, err, wall, cpu, cfg):
+    """The Result: status from how it ended (decided here, never by what the snippet printed)."""
+    n = cfg.max_output
+    out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    stdout, stderr = _cap(out, n), _cap(err, n)
+    last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
+    if why == "timeout" or code == -signal.SIGXCPU:
+        status, msg = "timeout", f"Timeout Error: the code ran longer than {cfg.timeout:g} s"
+    elif why == "output":
+        status, msg = "killed", f"Killed: output exceeded {cfg.max_bytes} bytes"
+    elif oom:
+        status, msg = "memory", f"MemoryError: the snippet's processes together used more than {cfg.memory_mb} MB"
+    elif code < 0:
+        status, msg = "killed", f"Killed by signal {_signal_name(-code)}"
+    else:
+        status = "ok" if code == 0 else "memory" if re.search(r"MemoryError\b", last) else "error"
+        msg = "" if code == 0 else last or f"Exit code {code}"
+    feedback = stdout if status == "ok" else _cap(msg, n // 2)
+    if status != "ok" and stdout:
+        feedback = _cap(out.rstrip("\n"), max(n - len(feedback) - 1, 2)) + "\n" + feedback
+    return Result(status, stdout, stderr, code, round(wall, 4), round(cpu, 4), feedback)
+
+
+# ----------------------------------------------------------------------------- kernel interfaces
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 0x1000
+MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 0x40000, 2
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 4, 22, 38, 24
+SECCOMP_MODE_FILTER, LINUX_CAPABILITY_VERSION_3, CAP_LAST = 2, 0x20080522, 40
 _libc = ctypes.CDLL(None, use_errno=True)
-_REQ, _NULL, _PIDNS_FD, _UID = None, -1, -1, 65534  # set in the zygote / its workers (nobody: the probe)
 
 
 def _check(ret, what):
@@ -41,19 +355,19 @@ def _unshare(flags):  # Python 3.11 has no os.unshare
     _check(_libc.unshare(flags), "unshare")
 
 
+def _prctl(option, arg):
+    _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl {option}")
+
+
 def _mount(src, dst, fstype, flags, data=None):
-    b = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
+    def b(s):
+        return s.encode() if isinstance(s, str) else s
     _check(_libc.mount(b(src), b(dst), b(fstype), flags, b(data)), f"mount {dst}")
 
 
-def _step(iso, name, fn, strict):
-    """Apply a protection iso says works; the startup probe (strict=False) records refusals instead."""
-    try:
-        iso[name] and fn()
-    except OSError:
-        if strict:
-            raise
-        iso[name] = False
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _close(*fds):
@@ -70,101 +384,464 @@ def _fds(anc):
     return [fd for _, kind, data in anc if kind == socket.SCM_RIGHTS for fd in array.array("i", data)]
 
 
-@dataclass
-class Result:
-    status: str  # ok | error | memory | timeout | killed | internal
-    stdout: str
-    stderr: str
-    exit_code: int | None  # negative: killed by that signal
-    wall_s: float
-    cpu_s: float
-    feedback: str  # what the model sees (module docstring)
+def _drop_capabilities():
+    """A user namespace's creator has every capability in it: give them all up (no exec follows)."""
+    for cap in range(CAP_LAST + 1):
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # caps this kernel lacks fail harmlessly
+    header = struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(header, bytes(24)), "capset")  # effective, permitted, inheritable: empty
 
 
-def _internal(err):
-    return asdict(Result("internal", "", "", None, 0.0, 0.0, f"Sandbox error: {err}"))
+# seccomp: syscalls that reach state the namespaces do not scope. Keyrings are per uid, not per
+# namespace; a path-named AF_UNIX socket of the host is reachable from any network namespace (and a
+# datagram socket pair can be re-aimed at one); AF_VSOCK talks to the hypervisor; memfd pages escape
+# the /tmp size cap. socketpair(AF_UNIX, SOCK_STREAM) stays: multiprocessing uses it.
+SECCOMP_NR = {"x86_64": dict(arch=0xC000003E, socket=41, socketpair=53, add_key=248, request_key=249, keyctl=250,
+                             memfd_create=319),
+              "aarch64": dict(arch=0xC00000B7, socket=198, socketpair=199, add_key=217, request_key=218,
+                              keyctl=219, memfd_create=279)}
+AF_UNIX, AF_VSOCK, SOCK_DGRAM, SOCK_TYPE_MASK, X32_SYSCALL_BIT = 1, 40, 2, 0xF, 0x40000000
+BPF_LD_ABS, BPF_JEQ, BPF_JGE, BPF_AND, BPF_RET = 0x20, 0x15, 0x35, 0x54, 0x06
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, EPERM = 0x7FFF0000, 0x00050000, 1
+SECCOMP_ARCH, SECCOMP_ARG0, SECCOMP_ARG1 = 4, 16, 24  # offsets in struct seccomp_data (little-endian)
 
 
-# ----------------------------------------------------------------------------- confinement
-def _private_ipc():  # zygote: SysV shm/semaphores/queues and mqueues outlive processes: allow none
-    _unshare(CLONE_NEWIPC)
-    for key in ("kernel/shmmni", "kernel/msgmni", "kernel/sem", "fs/mqueue/queues_max"):
-        with open(f"/proc/sys/{key}", "w") as f:
-            f.write("0 0 0 0" if key == "kernel/sem" else "0")
+def _seccomp_filter(nr):
+    """The BPF program as (code, true-label, false-label, k); labels are resolved to jump offsets."""
+    prog = [(BPF_LD_ABS, 0, 0, SECCOMP_ARCH), (BPF_JEQ, 0, "deny", nr["arch"]), (BPF_LD_ABS, 0, 0, 0),
+            (BPF_JGE, "deny", 0, X32_SYSCALL_BIT)]
+    prog += [(BPF_JEQ, "deny", 0, nr[name]) for name in ("add_key", "request_key", "keyctl", "memfd_create")]
+    prog += [(BPF_JEQ, "socket", 0, nr["socket"]), (BPF_JEQ, "pair", 0, nr["socketpair"]), (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),
+             "socket", (BPF_LD_ABS, 0, 0, SECCOMP_ARG0), (BPF_JEQ, "deny", 0, AF_UNIX), (BPF_JEQ, "deny", 0, AF_VSOCK),
+             (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),
+             "pair", (BPF_LD_ABS, 0, 0, SECCOMP_ARG1), (BPF_AND, 0, 0, SOCK_TYPE_MASK), (BPF_JEQ, "deny", 0, SOCK_DGRAM),
+             (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),
+             "deny", (BPF_RET, 0, 0, SECCOMP_RET_ERRNO | EPERM)]
+    labels, code = {}, []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
+    jump = lambda pc, target: labels[target] - pc - 1 if isinstance(target, str) else target  # noqa: E731
+    return b"".join(struct.pack("HBBI", op, jump(pc, jt), jump(pc, jf), k) for pc, (op, jt, jf, k) in enumerate(code))
 
 
-def _prepare_root():
-    """Zygote: a private mount namespace, all read-only and nosuid. Python may live in a dir others
-    cannot enter (pyenv under /root, mode 700): mask it with an empty tmpfs and bind Python back."""
-    hidden = {}  # python dir -> its first ancestor others cannot traverse
-    for p in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+def _install_seccomp():
+    nr = SECCOMP_NR.get(platform.machine())
+    if nr is None:
+        raise OSError(f"no seccomp syscall table for {platform.machine()}")
+    prog = ctypes.create_string_buffer(_seccomp_filter(nr))
+    fprog = struct.pack("HxxxxxxP", len(prog.raw) // 8, ctypes.addressof(prog))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog, 0, 0), "seccomp")
+
+
+# ----------------------------------------------------------------------------- the zygote (once)
+def _python_paths():
+    """Where this Python lives: interpreter, stdlib, site-packages, all of sys.path (outermost dirs)."""
+    paths = {sys.prefix, sys.base_prefix, os.path.dirname(sys.executable), os.path.dirname(os.path.abspath(__file__)),
+             os.path.dirname(os.path.realpath(sys.executable)), *filter(None, sys.path)}
+    keep = []
+    for p in sorted(os.path.abspath(p) for p in paths if os.path.exists(p)):
+        if not any(p.startswith(k.rstrip("/") + "/") or p == k for k in keep):
+            keep.append(p)
+    return keep
+
+
+def _enter_user_namespace():
+    """Not root: become root of a new user namespace (the user's id mapped to 0, as bwrap does)."""
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare(CLONE_NEWUSER)
+    _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
+    _write("/proc/self/uid_map", f"0 {uid} 1")
+    _write("/proc/self/gid_map", f"0 {gid} 1")
+
+
+def _prepare_root(userns):
+    """Zygote: a private mount namespace, all read-only and nosuid. Dirs a snippet must not see (the
+    user's home when snippets keep the user's kernel uid) or cannot enter (pyenv under /root, mode
+    700) are masked with an empty read-only tmpfs, and Python's own dirs bound back into them."""
+    python = _python_paths()
+    masks = set()
+    for p in python:
         parts = p.split("/")
-        if blocked := [a for a in ("/".join(parts[:i]) for i in range(2, len(parts))) if not os.stat(a).st_mode & 1]:
-            hidden[p] = blocked[0]
+        blocked = [a for a in ("/".join(parts[:i]) for i in range(2, len(parts))) if not os.stat(a).st_mode & 1]
+        if blocked and not userns:
+            masks.add(blocked[0])
+    if userns:
+        home = os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir)
+        if home != "/" and os.path.isdir(home) and os.stat(home).st_uid == os.getuid():
+            masks.add(home)
     _unshare(CLONE_NEWNS)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
-    keep = {p: os.open(p, os.O_PATH) for p in hidden}  # opened in the new namespace, before the mask
-    attr = ctypes.create_string_buffer(struct.pack("QQQQ", MS_RDONLY | MS_NOSUID, 0, 0, 0))  # = MOUNT_ATTR_*
-    _check(_libc.syscall(442, -100, b"/", 0x8000, attr, 32), "mount_setattr")  # AT_FDCWD, AT_RECURSIVE
-    for a in sorted(set(hidden.values())):
-        _mount("tmpfs", a, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for p, fd in keep.items():
-        os.makedirs(p, exist_ok=True)
-        _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+    keep = {p: os.open(p, os.O_PATH) for p in python if any(p.startswith(m + "/") for m in masks)}
+    attr = ctypes.create_string_buffer(struct.pack("QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0))
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, len(attr.raw)), "mount_setattr")
+    for m in sorted(masks):
+        _mount("tmpfs", m, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        for p, fd in keep.items():
+            if p.startswith(m + "/"):
+                os.makedirs(p, exist_ok=True)
+                _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+        _mount(None, m, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _close(*keep.values())
+
+
+def _step(iso, name, fn, strict):
+    """Apply a protection iso says works; the startup probe (strict=False) records refusals instead."""
+    if not iso.get(name):
+        return
+    try:
+        fn()
+    except OSError:
+        if strict:
+            raise
+        iso[name] = False
+
+
+def _zygote(cfg, ctl_fd):
+    """Import the math stack once, confine ourselves, probe, then fork a worker per socket sent."""
+    ctl, missing = socket.socket(fileno=ctl_fd), []
+    for name in cfg.preload:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - reported; the supervisor warns
+            missing.append(name)
+    if "numpy" in sys.modules:  # its first seed() costs 20 ms: pay it here, not in every snippet
+        sys.modules["numpy"].random.seed(0)
+    iso = dict.fromkeys(ISOLATION, True)
+    userns = os.geteuid() != 0
+    if not userns:
+        del iso["user_namespace"]  # root needs none
+    _step(iso, "user_namespace", _enter_user_namespace, False)
+    if userns and not iso["user_namespace"]:
+        iso = dict.fromkeys(iso, False) | {"rlimits": True, "no_new_privs": True, "seccomp": True,
+                                             "parent_death_signal": True}
+    cgroup = _cgroup_parent()
+    _step(iso, "mount_namespace", lambda: _prepare_root(userns), False)
+    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    _step(iso, "pid_namespace", lambda: (_unshare(CLONE_NEWPID), _setns(pidns)), False)
+    iso = _probe(iso, cfg, pidns, userns, cgroup)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers reap themselves
+    gc.freeze()  # forked children then never copy the zygote's objects to collect them
+    ctl.send(json.dumps({"isolation": iso, "missing": missing}).encode())
+    workers = []
+    while True:
+        fds = _fds(ctl.recvmsg(16, socket.CMSG_SPACE(4))[1])
+        if not fds:  # the supervisor is gone
+            if cgroup is not None:
+                _remove_cgroups(cgroup, workers)
+            os._exit(0)
+        pid = _fork_worker(iso, cfg, pidns, userns)
+        if pid == 0:
+            ctl.close()
+            _serve(socket.socket(fileno=fds[0]), _setup_worker(iso, cfg, pidns, userns, cgroup))
+        workers.append(pid)
+        _close(*fds)
+        ctl.send(b"+")
+
+
+def _remove_cgroups(cgroup, pids):
+    """Kill the workers and remove their cgroups (possible once their processes are gone)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        left = []
+        for pid in pids:
+            try:
+                os.rmdir(f"retool-sb-{pid}", dir_fd=cgroup[0])
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(pid)
+        if not left:
+            return
+        pids = left
+        time.sleep(0.01)
+
+
+def _setns(fd):  # our later forks: children in our own PID namespace again
+    _check(_libc.setns(fd, CLONE_NEWPID), "setns")
+
+
+def _fork_worker(iso, cfg, pidns, userns):
+    """Fork; the child is init of a PID namespace of its own when granted."""
+    if iso["pid_namespace"]:
+        _unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid and iso["pid_namespace"]:
+        _setns(pidns)
+    return pid
+
+
+def _probe(iso, cfg, pidns, userns, cgroup):
+    """Try the worker's and the snippet's protections in a child set up like both; returns what worked."""
+    r, w = os.pipe()
+    pid = _fork_worker(iso, cfg, pidns, userns)
+    if pid == 0:
+        try:
+            state = _setup_worker(iso, cfg, pidns, userns, cgroup, strict=False)
+            _confine(state, strict=False)
+            os.write(w, json.dumps(state.iso).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with open(r, "rb") as f:
+        found = f.read()
+    os.waitpid(pid, 0)
+    if cgroup is not None:
+        _remove_cgroups(cgroup, [pid])
+    return json.loads(found) if found else iso
+
+
+# ----------------------------------------------------------------------------- the worker (trusted, data-free)
+@dataclass
+class _State:
+    """What a worker knows: set up once, never a byte of snippet data."""
+    iso: dict
+    cfg: Config
+    userns: bool
+    pidns: int  # fd of the worker's own PID namespace
+    uid: int = 0  # the snippets' uid (root mode)
+    null: int = -1
+    workdir: str = "/tmp"
+    keep: dict = field(default_factory=dict)  # python dir under /tmp -> O_PATH fd, bound into each fresh /tmp
+    tmp_mounted: bool = False
+    cgroup: tuple | None = None  # the zygote's cgroup: (dir fd, limit file, events file)
+    cgroup_name: str = ""  # ours, inside it
+    ooms: int = 0
+
+
+def _setup_worker(iso, cfg, pidns, userns, cgroup, strict=True):
+    """Worker, once: own network namespace, mount namespace with /proc of our PID namespace, cgroup."""
+    host_pid = int(os.readlink("/proc/self"))  # still the zygote's /proc: our pid on the host
+    state = _State(dict(iso), cfg, userns, pidns, uid=UID_BASE + host_pid, null=os.open(os.devnull, os.O_RDWR),
+                   cgroup=cgroup)
+    iso = state.iso
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote goes (the supervisor is gone): so do we
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote ignores it; we wait for our children
+    state.keep = {p: os.open(p, os.O_PATH) for p in _python_paths() if p.startswith("/tmp/")}
+    if iso["pid_namespace"]:
+        state.pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)  # ours, of which we are init
+    _step(iso, "net_namespace", lambda: _unshare(CLONE_NEWNET), strict)
+    _step(iso, "mount_namespace", lambda: _unshare(CLONE_NEWNS), strict)
+    iso["private_proc"] = iso["private_proc"] and iso["mount_namespace"] and iso["pid_namespace"]
+    _step(iso, "private_proc", lambda: _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2"),
+          strict)
+    _step(iso, "memory_cgroup", lambda: _join_cgroup(state, host_pid), strict)
+    if not iso["mount_namespace"]:
+        state.workdir = f"/tmp/retool-sb-{host_pid}"  # degraded: a dir in the host's /tmp
+    _fresh_tmp(state)
+    _prctl(PR_SET_DUMPABLE, 0)  # nothing a snippet runs can read or write our memory
+    return state
+
+
+def _fresh_tmp(state):
+    """A new empty /tmp (and /dev/shm) for the next snippet: the old tmpfs is detached whole, so no
+    tree the snippet built (however deep) can make this fail. Returns False if it failed anyway."""
+    try:
+        if not state.iso["mount_namespace"]:
+            if os.path.exists(state.workdir):
+                subprocess.run(["rm", "-rf", state.workdir], check=True, stdin=state.null)
+            os.mkdir(state.workdir, 0o700)
+            if state.iso["uid_drop"] and not state.userns:
+                os.chown(state.workdir, state.uid, state.uid)
+            return True
+        if state.tmp_mounted:
+            _check(_libc.umount2(b"/dev/shm", MNT_DETACH), "umount /dev/shm")
+            _check(_libc.umount2(b"/tmp", MNT_DETACH), "umount /tmp")
+        owner = "" if state.userns else f",uid={state.uid},gid={state.uid}"
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={state.cfg.disk_mb}m,nr_inodes=65536,mode=0700{owner}")
+        for p, fd in state.keep.items():  # Python under /tmp stays visible, read-only
+            os.makedirs(p, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+        _mount("/tmp", "/dev/shm", None, MS_BIND)  # POSIX shm and semaphores (multiprocessing)
+        state.tmp_mounted = True
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+def _cgroup_parent():
+    """Zygote, before the host turns read-only: our memory cgroup's dir as an fd (writes through it
+    reach the host's mount), the limit file and the events file; None where none is ours to use."""
+    for line in open("/proc/self/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":
+            base, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.oom_control")
+        elif controllers == "" and os.path.exists(f"/sys/fs/cgroup/unified{path}/memory.max"):
+            base, files = "/sys/fs/cgroup/unified", ("memory.max", "memory.events")
+        else:
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(base + path, os.O_RDONLY | os.O_DIRECTORY)
+            if os.access(f"/proc/self/fd/{fd}", os.W_OK):
+                return fd, *files
+            os.close(fd)
+    return None
+
+
+def _join_cgroup(state, host_pid):
+    """A memory cgroup for this worker and its snippets (one at a time): memory_mb for all of a
+    snippet's processes together, tmpfs pages included."""
+    if state.cgroup is None:
+        raise OSError("no memory cgroup of ours to divide")
+    fd, limit_file, _ = state.cgroup
+    name = f"retool-sb-{host_pid}"
+    os.mkdir(name, dir_fd=fd)
+    state.cgroup_name = name
+    _write_at(fd, f"{name}/{limit_file}", str((state.cfg.memory_mb + state.cfg.disk_mb) << 20))
+    _write_at(fd, f"{name}/cgroup.procs", "0")  # ourselves, so every child is born inside
+    state.ooms = _oom_kills(state)
+
+
+def _write_at(dir_fd, path, text):
+    fd = os.open(path, os.O_WRONLY, dir_fd=dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
         os.close(fd)
 
 
-def _worker_setup(iso, cfg, strict=True):
-    """Worker, once: network namespace and work dir. Per-snippet ones would cost 6 ms; here they
-    are as good, since a worker runs one snippet at a time, kills its tree and wipes the dir after."""
-    _step(iso, "net_namespace", lambda: _unshare(CLONE_NEWNET), strict)
-    owner = f",uid={_UID},gid={_UID}" if iso["uid_drop"] else ""
-
-    def private_tmp():
-        _unshare(CLONE_NEWNS)
-        size = f"size={cfg['disk_mb']}m,nr_inodes=65536,mode=0700{owner}"
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, size)
-        _mount("/tmp", "/dev/shm", None, MS_BIND)  # POSIX shm and semaphores (multiprocessing)
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
-    _step(iso, "mount_namespace", private_tmp, strict)
-    if iso["mount_namespace"]:
-        return "/tmp"
-    os.mkdir(workdir := f"/tmp/retool-sb-{os.getpid()}", 0o700)  # degraded: a dir in the host's /tmp
-    iso["uid_drop"] and os.chown(workdir, _UID, _UID)
-    return workdir
+def _leave_cgroup(state):
+    fd = state.cgroup[0]
+    with contextlib.suppress(OSError):
+        _write_at(fd, "cgroup.procs", "0")
+        os.rmdir(state.cgroup_name, dir_fd=fd)
 
 
-def _wipe(workdir):
-    with os.scandir(workdir) as entries:  # as root: no chmod trick of the snippet stops this
-        for e in entries:
-            shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
-    os.chmod(workdir, 0o700)
+def _oom_kills(state):
+    if not state.cgroup_name:
+        return 0
+    fd = os.open(f"{state.cgroup_name}/{state.cgroup[2]}", os.O_RDONLY, dir_fd=state.cgroup[0])
+    with open(fd) as f:
+        found = re.search(r"oom_kill (\d+)", f.read())
+    return int(found.group(1)) if found else 0
 
 
-def _confine(iso, cfg, workdir, strict=True):
-    """Snippet child, still root (and pid-ns init when granted): the per-process protections."""
+def _serve(sock, state):
+    """One snippet at a time: fork it, hand back a pidfd, reap it, report, give it a fresh /tmp."""
+    status, rusage = ctypes.c_int(), ctypes.create_string_buffer(256)  # reused, zeroed after each use
+    while True:
+        msg, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(4 * 4))
+        fds = _fds(anc)
+        if msg not in (b"run", b"hold") or len(fds) != 4:
+            break  # EOF: the supervisor retired us
+        pid = _spawn(state, fds, _snippet if msg == b"run" else _session_init)
+        _close(*fds)
+        pidfd = os.pidfd_open(pid)  # our unreaped child: the id cannot have been reused
+        sock.sendmsg([b"pid"], [_rights(pidfd)])
+        os.close(pidfd)
+        # Reaped into ctypes buffers, sent as raw bytes and zeroed: nothing of the snippet (not even
+        # its exit code) stays in the memory that the next snippet is forked from.
+        _check(int(_libc.wait4(pid, ctypes.byref(status), 0, rusage) != pid), "wait4")
+        healthy = _fresh_tmp(state)
+        oom = _oom_kills(state)
+        sock.sendmsg([b"exit", status, memoryview(rusage)[:32], struct.pack("=i", int(oom > state.ooms))])
+        state.ooms = oom
+        ctypes.memset(ctypes.byref(status), 0, 4)
+        ctypes.memset(rusage, 0, len(rusage))
+        if not healthy:
+            break  # a worker that cannot give the next snippet a clean /tmp is retired
+    sock.close()
+    if state.cgroup_name:
+        _leave_cgroup(state)
+    if not state.iso["mount_namespace"]:
+        subprocess.run(["rm", "-rf", state.workdir], stdin=state.null)
+    os._exit(0)
+
+
+def _spawn(state, fds, body):
+    """Fork the confined child (init of a new PID namespace): fds become its 1, 2, 3, 4; it runs body."""
+    if state.iso["pid_namespace"]:
+        _unshare(CLONE_NEWPID)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for i, fd in enumerate((state.null, *fds)):
+                    os.dup2(fd, i)
+                os.closerange(len(fds) + 1, 1 << 16)
+                _confine(state)
+                body()
+            except BaseException as e:  # noqa: BLE001
+                with contextlib.suppress(OSError):
+                    os.write(4, f"SandboxError: confinement failed: {e!r}".encode())
+            os._exit(1)
+    finally:
+        if state.iso["pid_namespace"]:
+            _setns(state.pidns)
+    return pid
+
+
+# ----------------------------------------------------------------------------- the snippet child
+def _own_user_namespace(state):
+    """User mode: a user namespace per snippet with the uid 2^20+pid inside (mapped to the worker's
+    root, i.e. the user): its RLIMIT_NPROC count starts at 0 and caps this snippet alone."""
+    _unshare(CLONE_NEWUSER)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{state.uid} 0 1")
+    _write("/proc/self/gid_map", f"{state.uid} 0 1")
+
+
+def _drop_uid(state):
+    os.setgroups([])
+    os.setgid(state.uid)
+    os.setuid(state.uid)
+
+
+def _rlimits(state):
+    cfg = state.cfg
+    cpu = int(cfg.timeout) + 2  # the wall clock fires first unless threads burn several cores
+    limits = {"AS": cfg.memory_mb << 20, "CPU": cpu, "CORE": 0, "FSIZE": cfg.disk_mb << 20, "NOFILE": NOFILE,
+              "NPROC": NPROC}  # NPROC binds only once we are not root
+    for name, value in limits.items():
+        hard = value + 1 if name == "CPU" else value  # SIGXCPU at the soft limit, SIGKILL at the hard one
+        resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, hard))
+
+
+def _confine(state, strict=True):
+    """Snippet child, still root of its namespaces: apply the per-process protections, in this order."""
+    iso = state.iso
     os.setsid()  # own session and group: no controlling tty, and kill(0)/killpg stay inside
-    os.chdir(workdir)
-    cpu = int(cfg["timeout"]) + 2  # the wall clock fires first unless threads burn several cores
-    for lim, val in (("AS", cfg["memory_mb"] << 20), ("CPU", cpu), ("CORE", 0), ("FSIZE", cfg["disk_mb"] << 20),
-                     ("NOFILE", NOFILE), ("NPROC", NPROC)):  # NPROC binds only once we are not root
-        resource.setrlimit(getattr(resource, f"RLIMIT_{lim}"), (val, val + (lim == "CPU")))  # SIGXCPU, then SIGKILL
+    _step(iso, "ipc_namespace", lambda: _unshare(CLONE_NEWIPC), strict)  # SysV IPC and mqueues die with us
+    os.chdir(state.workdir)
+    if state.userns:  # 1. the user namespace first: it must not inherit our lowered RLIMIT_NPROC
+        _step(iso, "uid_drop", lambda: _own_user_namespace(state), strict)
+    _step(iso, "rlimits", lambda: _rlimits(state), strict)  # 2.
+    if state.userns:  # 3. unprivileged: as root, by a uid change; in a user namespace, by giving caps up
+        _step(iso, "uid_drop", _drop_capabilities, strict)
+    else:
+        _step(iso, "uid_drop", lambda: _drop_uid(state), strict)
+    _prctl(PR_SET_DUMPABLE, 1)  # the worker is not dumpable; we are, so our /proc/self stays ours
+    _step(iso, "no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1), strict)  # 4. setuid bits inert
+    _step(iso, "seccomp", _install_seccomp, strict)  # 5. needs no_new_privs
+    # 6. after the uid change (which clears it): die with the worker, whatever kills it.
+    _step(iso, "parent_death_signal", lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL), strict)
 
-    def drop_uid():
-        os.setgroups([]), os.setgid(_UID), os.setuid(_UID)
-        _check(_libc.prctl(4, 1, 0, 0, 0), "prctl")  # PR_SET_DUMPABLE: /proc/self stays readable to us
-    _step(iso, "uid_drop", drop_uid, strict)
-    _step(iso, "no_new_privs", lambda: _check(_libc.prctl(38, 1, 0, 0, 0), "prctl"), strict)  # setuid bits inert
-    # PR_SET_PDEATHSIG, after the uid change (which clears it): die with the worker, whatever kills it.
-    _step(iso, "parent_death_signal", lambda: _check(_libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl"), strict)
+
+def _read_code():
+    chunks = []
+    while chunk := os.read(3, 1 << 16):
+        chunks.append(chunk)
+    os.close(3)
+    return b"".join(chunks).decode(errors="replace")
 
 
-# ----------------------------------------------------------------------------- running code (in the child)
+def _snippet():
+    code = _read_code()
+    os.write(4, b"r")  # set up: from here on, every failure is the snippet's own
+    os.close(4)
+    os._exit(_execute(code, types.ModuleType("__main__")))
+
+
 def _execute(code, main):
     """Run code as `python file.py` would, in module `main`; returns the exit code."""
     sys.stdin = sys.__stdin__ = open(0, closefd=False)
     std = [open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) for fd in (1, 2)]
-    (sys.stdout, sys.stderr), (sys.__stdout__, sys.__stderr__) = std, std  # line-buffered: a kill keeps prints
+    sys.stdout, sys.stderr = std  # line-buffered: a kill keeps prints
+    sys.__stdout__, sys.__stderr__ = std
     sys.argv, sys.modules["__main__"] = ["<code>"], main
     if "numpy" in sys.modules:  # a forked RNG would repeat itself in every snippet
         sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
@@ -175,7 +852,8 @@ def _execute(code, main):
         rc = 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else int(e.code is not None)
-        isinstance(e.code, int | None) or print(e.code, file=std[1])
+        if not isinstance(e.code, int | None):
+            print(e.code, file=std[1])
     except BaseException as e:  # noqa: BLE001 - the snippet's exception is its feedback: to our stderr,
         traceback.print_exception(type(e), e, e.__traceback__.tb_next, file=std[1])  # whatever sys.stderr is now
     for f in (sys.stdout, sys.stderr, *std):
@@ -184,395 +862,201 @@ def _execute(code, main):
     return rc & 0xFF
 
 
+# ----------------------------------------------------------------------------- sessions
+class Session(_Closing):
+    """Stateful cells on a worker of its own: sessions never share state.
+
+    The worker's child is init of the session's PID namespace and only reaps; its child, the holder,
+    keeps the state. A cell runs in a fork of the holder; one that succeeds kills every other process
+    of the namespace (the old holder, anything the cell left running) and becomes the holder; a
+    failed one exits, and the holder kills what it left. No chain grows, nothing survives a cell."""
+
+    def __init__(self, sandbox):
+        self._sb, self._lock = sandbox, threading.Lock()
+        self._worker, self._cells = sandbox._new_worker(), None
+
+    def run(self, code):
+        with self._lock:
+            return self._sb._call(self._worker, lambda: self._cell(code))
+
+    def close(self):
+        with self._lock:
+            self._reset()
+            self._worker.sock.close()
+
+    def _cell(self, code):
+        try:
+            if self._cells is None:
+                self._cells = _start_session(self._worker)
+            return _run_cell(self._cells, code, self._sb.cfg)
+        except Exception:
+            self._reset()
+            raise
+
+    def _reset(self):
+        if self._cells is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._cells.run.pidfd, signal.SIGKILL)  # the namespace goes whole
+                self._cells.run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
+            _close(self._cells.run.pidfd)
+            self._cells.sock.close()
+            self._cells = None
+
+
+@dataclass
+class _Cells:
+    sock: socket.socket  # to the holder: code + stdout/stderr fds in; "hello", "pid", "ok", "exit" out
+    run: _Running  # the worker's messages about the session's init
+    holder: int  # pid (ours) of the process that holds the state
+
+
+def _start_session(worker):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel stamps each sender's pid
+    ready_r, ready_w = os.pipe()
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        worker.sock.sendmsg([b"hold"], [_rights(null, null, theirs.fileno(), ready_w)])
+    finally:
+        _close(null, ready_w)
+        theirs.close()
+    run = _Running(worker.sock)
+    run.wait_for(b"pid", time.monotonic() + REAP_GRACE_S)
+    with open(ready_r, "rb") as f:
+        ready = f.read()
+    if ready != b"r":
+        raise RuntimeError(ready.decode(errors="replace") or "the session's set-up failed")
+    cells = _Cells(ours, run, 0)
+    cells.holder = _message(cells, {b"hello"}, time.monotonic() + REAP_GRACE_S, lambda pid: True)[1]
+    return cells
+
+
+def _message(cells, words, deadline, trusted):
+    """The next message in words from a sender trusted(pid) says is who it claims; others are dropped."""
+    while True:
+        if not select.select([cells.sock], [], [], max(deadline - time.monotonic(), 0))[0]:
+            raise TimeoutError("the session holder does not answer")
+        msg, anc, _, _ = cells.sock.recvmsg(64, socket.CMSG_SPACE(12))
+        if not msg:
+            raise EOFError("the session holder died")
+        creds = [data for _, kind, data in anc if kind == socket.SCM_CREDENTIALS]
+        pid = struct.unpack("3i", creds[0])[0] if creds else 0
+        word, *rest = msg.split()
+        if word in words and pid and trusted(pid):
+            return word, pid, rest
+
+
+def _parent(pid):
+    with contextlib.suppress(OSError):
+        return int(open(f"/proc/{pid}/status").read().split("PPid:")[1].split()[0])
+    return None
+
+
+def _run_cell(cells, code, cfg):
+    (out_r, out_w), (err_r, err_w), t0 = os.pipe(), os.pipe(), time.monotonic()
+    bufs, cell_fd = {out_r: bytearray(), err_r: bytearray()}, None
+    try:
+        try:
+            cells.sock.sendmsg([code.encode(errors="replace")], [_rights(out_w, err_w)])
+        finally:
+            _close(out_w, err_w)
+        # Only a child of the holder is the cell; only the cell may say "ok"; only the holder "exit".
+        _, cell, _ = _message(cells, {b"pid"}, t0 + cfg.timeout + REAP_GRACE_S, lambda p: _parent(p) == cells.holder)
+        with contextlib.suppress(ProcessLookupError):  # a quick cell may be gone already
+            cell_fd = os.pidfd_open(cell)
+        why = _watch(bufs, [], t0 + cfg.timeout, cfg.max_bytes)
+        if why and cell_fd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(cell_fd, signal.SIGKILL)  # the holder that forked it reports, carries on
+        word, pid, rest = _message(cells, {b"ok", b"exit"}, time.monotonic() + cfg.timeout + REAP_GRACE_S,
+                                   lambda p: p == cell or p == cells.holder)
+        if word == b"ok":
+            if pid != cell:
+                raise RuntimeError("the session holder sent ok")
+            cells.holder = cell
+    finally:
+        _close(out_r, err_r, cell_fd)
+    return _finish(why, int(rest[0]), False, bufs[out_r], bufs[err_r], time.monotonic() - t0, float(rest[1]), cfg)
+
+
+def _session_init():
+    """Init of the session's PID namespace: start the holder, then reap until nothing is left."""
+    os.write(4, b"r")
+    os.close(4)
+    if os.fork() == 0:
+        _hold(socket.socket(fileno=3), types.ModuleType("__main__"))
+    os.close(3)
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.wait()
+    os._exit(0)
+
+
 def _hold(sock, main):
-    """Session holder loop. Each cell forks; one that succeeds becomes the holder (it has the new
-    state); a failed one exits and its parent carries on with the old. All of this is untrusted
-    (earlier cells ran here): the worker believes only kernel-stamped pids and the pipes."""
+    """Session holder loop. Untrusted (earlier cells ran here): the supervisor believes only
+    kernel-stamped pids and the pipes."""
+    sock.send(b"hello")
     while True:
         code, anc = sock.recvmsg(1 << 20, socket.CMSG_SPACE(8))[:2]
         if not code:
             os._exit(0)
         fds = _fds(anc)
-        if (pid := os.fork()) == 0:
-            os.dup2(fds[0], 1), os.dup2(fds[1], 2), _close(*fds)
-            sock.send(b"pid")  # SO_PASSCRED: the worker learns our real pid, to kill just this cell
+        _prctl(PR_SET_DUMPABLE, 0)  # while the cell runs, nothing it starts can write the state it forks from
+        pid = os.fork()
+        if pid == 0:
+            _prctl(PR_SET_DUMPABLE, 1)
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            _close(*fds)
+            sock.send(b"pid")  # SO_PASSCRED: the supervisor learns our real pid, to kill just this cell
             me, rc = os.getpid(), _execute(code.decode(errors="replace"), main)
             if rc or os.getpid() != me:  # failed, or a process the cell forked: not the new holder
                 os._exit(rc)
-            os.dup2(null := os.open(os.devnull, os.O_WRONLY), 1), os.dup2(null, 2), os.close(null)  # pipes: EOF
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(null, fd)  # the cell's pipes: EOF
+            os.close(null)
+            os.kill(-1, signal.SIGKILL)  # all but us and init: the old holder, what the cell left running
             ru = resource.getrusage(resource.RUSAGE_SELF)
             sock.send(b"ok 0 %f" % (ru.ru_utime + ru.ru_stime))
             continue
         _close(*fds)
         _, status, ru = os.wait4(pid, 0)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)  # what the failed cell left running
         sock.send(b"exit %d %f" % (os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime))
 
 
-# ----------------------------------------------------------------------------- the worker (root, trusted)
-def _cap(s, n):
-    """First and last n/2 characters with a marker between (the official code keeps 200 + 200)."""
-    return s if len(s) <= n else s[:n // 2] + MARK + s[len(s) - n // 2:]
-
-
-def _watch(bufs, events, deadline, on_event, max_bytes):
-    """Drain all pipes {fd: bytearray} at once (a flood on one never blocks the other) until all are
-    at EOF and on_event(fd) said the child is done. Returns None, "timeout" or "output"."""
-    poll, live, done = select.poll(), dict(bufs), False
-    for fd in (*live, *events, _REQ.fileno()):
-        poll.register(fd, select.POLLIN)
-    while live or not done:
-        if (left := deadline - time.monotonic()) <= 0:
-            return "timeout"
-        for fd, _ in poll.poll(left * 1000):
-            if fd == _REQ.fileno():  # the supervisor is gone: exit, our children die with us (pdeathsig)
-                os._exit(0)
-            if fd not in live:
-                if on_event(fd):
-                    done = True
-                    poll.unregister(fd)
-            elif data := os.read(fd, 1 << 16):
-                live[fd] += data
-                if sum(map(len, bufs.values())) > max_bytes:
-                    return "output"
-            else:
-                poll.unregister(fd)
-                del live[fd]
-    return None
-
-
-def _spawn(iso, cfg, workdir, fds, body):
-    """Fork a confined child with fds as its stdout, stderr (and fd 3); it runs body()."""
-    iso["pid_namespace"] and _unshare(CLONE_NEWPID)  # our next child is init of a new PID namespace
-    try:
-        if (pid := os.fork()) == 0:
-            try:
-                for i, fd in enumerate((_NULL, *fds)):
-                    os.dup2(fd, i)
-                os.closerange(len(fds) + 1, 1 << 16)
-                _confine(iso, cfg, workdir)
-                body()
-            except BaseException as e:  # noqa: BLE001
-                os.write(2, f"\nSandboxError: confinement failed: {e!r}\n".encode())
-            os._exit(INTERNAL)
-    finally:
-        iso["pid_namespace"] and _setns_back()
-    return pid
-
-
-def _setns_back():  # our later forks: children in our own PID namespace again
-    _check(_libc.setns(_PIDNS_FD, CLONE_NEWPID), "setns")
-
-
-def _kill(pid):
-    """SIGKILL a child of ours and its group (unreaped, so neither id can have been reused)."""
-    for kill in (os.killpg, os.kill):
-        with contextlib.suppress(OSError):
-            kill(pid, signal.SIGKILL)
-
-
-def _finish(why, code, bufs, wall, cpu, cfg):
-    n, (out, err) = cfg["max_output"], (b.decode("utf-8", "replace") for b in bufs.values())
-    stdout, stderr = _cap(out, n), _cap(err, n)
-    last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
-    if why == "timeout" or code == -signal.SIGXCPU:
-        status, msg = "timeout", f"Timeout Error: the code ran longer than {cfg['timeout']:g} s"
-    elif why == "output":
-        status, msg = "killed", f"Killed: output exceeded {cfg['max_bytes']} bytes"
-    elif code < 0:
-        status, msg = "killed", f"Killed by signal {signal.Signals(-code).name}"
-    elif code == INTERNAL and last.startswith("SandboxError"):
-        status, msg = "internal", last
-    else:
-        status = "ok" if code == 0 else "memory" if re.search(r"MemoryError\b", last) else "error"
-        msg = "" if code == 0 else last or f"Exit code {code}"
-    feedback = stdout if status == "ok" else _cap(msg, n // 2)
-    if status != "ok" and stdout:
-        feedback = _cap(out.rstrip("\n"), max(n - len(feedback) - 1, 2)) + "\n" + feedback
-    return asdict(Result(status, stdout, stderr, code, round(wall, 4), round(cpu, 4), feedback))
-
-
-def _run(code, iso, cfg, workdir):
-    (out_r, out_w), (err_r, err_w), main, t0 = os.pipe(), os.pipe(), types.ModuleType("__main__"), time.monotonic()
-    bufs, pid, pidfd = {out_r: bytearray(), err_r: bytearray()}, None, None
-    try:
-        pid = _spawn(iso, cfg, workdir, (out_w, err_w), lambda: os._exit(_execute(code, main)))
-        _close(out_w, err_w)
-        out_w = err_w = None
-        pidfd = os.pidfd_open(pid)  # readable once the child exited: as pid-ns init, with its whole tree
-        # Without a pid ns its group goes then; a setsid'ed survivor holding a pipe means timeout.
-        why = _watch(bufs, [pidfd], t0 + cfg["timeout"], lambda fd: _kill(pid) or True, cfg["max_bytes"])
-    finally:
-        _close(out_w, err_w, out_r, err_r, pidfd)
-        if pid:
-            _kill(pid)
-            _, status, ru = os.wait4(pid, 0)
-    return _finish(why, os.waitstatus_to_exitcode(status), bufs, time.monotonic() - t0, ru.ru_utime + ru.ru_stime, cfg)
-
-
-def _cell(sess, code, iso, cfg, workdir):
-    """One cell of this worker's session (started on first use); returns (session, result)."""
-    if sess is None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel stamps each sender's pid
-        main = types.ModuleType("__main__")
-        try:
-            sess = (_spawn(iso, cfg, workdir, (_NULL, _NULL, theirs.fileno()), lambda: _hold(socket.socket(fileno=3), main)),
-                    ours)
-        finally:
-            theirs.close()
-    sock, state = sess[1], {"want": (b"ok", b"exit")}
-
-    def on_msg(fd):
-        msg, anc, _, _ = sock.recvmsg(64, socket.CMSG_SPACE(12))
-        if not msg:
-            raise OSError("the session holder died")
-        word, *rest = msg.split()
-        if word == b"pid":  # a sender can only stamp its own pid; a quick cell may be gone already
-            creds = [data for _, kind, data in anc if kind == socket.SCM_CREDENTIALS][0]
-            with contextlib.suppress(ProcessLookupError):
-                state["pidfd"] = os.pidfd_open(struct.unpack("3i", creds)[0])
-        elif word in state["want"]:
-            state["end"] = (int(rest[0]), float(rest[1]))
-            return True
-
-    (out_r, out_w), (err_r, err_w), t0 = os.pipe(), os.pipe(), time.monotonic()
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    try:
-        try:
-            sock.sendmsg([code.encode(errors="replace")], [_rights(out_w, err_w)])
-        finally:
-            _close(out_w, err_w)
-        if why := _watch(bufs, [sock.fileno()], t0 + cfg["timeout"], on_msg, cfg["max_bytes"]):
-            state["want"] = (b"exit",)  # kill just this cell; the holder that forked it reports, carries on
-            with contextlib.suppress(KeyError, ProcessLookupError):  # (it may have ended meanwhile)
-                signal.pidfd_send_signal(state["pidfd"], signal.SIGKILL)
-            if _watch({}, [sock.fileno()], time.monotonic() + 5, on_msg, 0):
-                raise OSError("the session holder does not answer")
-    except (OSError, ValueError, LookupError) as e:  # a broken or lying holder: start afresh
-        _end(sess)
-        return None, _internal(f"{e!r}; the session was reset")
-    finally:
-        _close(out_r, err_r, state.get("pidfd"))
-    rc, cpu = state["end"]
-    return sess, _finish(why, rc, bufs, time.monotonic() - t0, cpu, cfg)
-
-
-def _end(sess):
-    sess[1].close()
-    _kill(sess[0])  # pid-ns init: the whole session goes
-    os.waitpid(sess[0], 0)
-
-
-def _worker(req, resp, iso, cfg):
-    """Serve one request at a time until the supervisor closes our pipe."""
-    global _REQ, _UID
-    _REQ, _UID, sess = req, UID_BASE + os.getpid(), None
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote ignores it; we wait for our children
-    workdir = _worker_setup(iso, cfg)
-    while request := _recv(req):
-        try:
-            if request[0] == "run":
-                res = _run(request[1], iso, cfg, workdir)
-                _wipe(workdir)
-            else:
-                sess, res = _cell(sess, request[1], iso, cfg, workdir)
-        except Exception as e:  # noqa: BLE001 - e.g. out of pids or fds: report, keep serving
-            res = _internal(repr(e))
-        _send(resp, res)
-    sess and _end(sess)
-    workdir == "/tmp" or shutil.rmtree(workdir, ignore_errors=True)
-    os._exit(0)
-
-
-# ----------------------------------------------------------------------------- the zygote
-def _zygote(cfg, ctl_fd):
-    """Import the math stack once, confine ourselves, probe, then fork a worker per pipe pair sent."""
-    global _NULL, _PIDNS_FD
-    ctl, missing = socket.socket(fileno=ctl_fd), []
-    _NULL, _PIDNS_FD = os.open(os.devnull, os.O_RDWR), os.open("/proc/self/ns/pid", os.O_RDONLY)
-    for name in cfg["preload"]:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - reported; the supervisor warns
-            missing.append(name)
-    if "numpy" in sys.modules:  # its first seed() costs 20 ms: pay it here, not in every snippet
-        sys.modules["numpy"].random.seed(0)
-    iso = dict.fromkeys(ISOLATION, True) | {"uid_drop": os.geteuid() == 0}
-    _step(iso, "ipc_namespace", _private_ipc, False)
-    _step(iso, "mount_namespace", _prepare_root, False)
-    _step(iso, "pid_namespace", lambda: (_unshare(CLONE_NEWPID), _setns_back()), False)
-    r, w = os.pipe()
-    if (pid := os.fork()) == 0:  # probe the rest in a child set up like a worker and a snippet
-        try:
-            _confine(iso, cfg, _worker_setup(iso, cfg, strict=False), strict=False)
-            os.write(w, json.dumps(iso).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with open(r, "rb") as f:
-        iso = json.loads(f.read())
-    os.waitpid(pid, 0)
-    shutil.rmtree(f"/tmp/retool-sb-{pid}", ignore_errors=True)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers reap themselves
-    gc.freeze()  # forked children then never copy the zygote's objects to collect them
-    ctl.send(json.dumps({"isolation": iso, "missing": missing}).encode())
-    while fds := _fds(ctl.recvmsg(16, socket.CMSG_SPACE(8))[1]):  # none: the supervisor is gone
-        if os.fork() == 0:
-            ctl.close()
-            _worker(open(fds[0], "rb"), open(fds[1], "wb"), iso, cfg)
-        _close(*fds)
-        ctl.send(b"+")
-    os._exit(0)  # each worker sees the supervisor go on its own pipe
-
-
-# ----------------------------------------------------------------------------- the supervisor
-def _send(f, obj):
-    pickle.dump(obj, f)
-    f.flush()
-
-
-def _recv(f, timeout=None):
-    """One message; None on EOF; TimeoutError when none starts in time."""
-    if timeout is not None and not select.select([f], [], [], timeout)[0]:
-        raise TimeoutError(f"no answer from the sandbox worker in {timeout:g} s")
-    with contextlib.suppress(EOFError):
-        return pickle.load(f)
-
-
-class _Closing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-_WARNED = set()
-
-
-class Sandbox(_Closing):
-    """Run untrusted snippets; thread-safe; run/run_many never raise for what a snippet does."""
-
-    def __init__(self, timeout=5.0, memory_mb=1024, max_output=1000, workers=None, preload=PRELOAD,
-                 max_bytes=1 << 22, disk_mb=64):
-        self.cfg = dict(timeout=float(timeout), memory_mb=int(memory_mb), max_output=int(max_output),
-                        preload=list(preload), max_bytes=int(max_bytes), disk_mb=int(disk_mb))
-        self.workers = max(1, workers or os.cpu_count() or 1)
-        self._lock, self._idle, self._all = threading.Lock(), queue.SimpleQueue(), []
-        self._start()
-        for _ in range(self.workers):
-            self._idle.put(self._new_worker())
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox")
-
-    def _start(self):
-        """The zygote is a fresh interpreter, never a fork of a caller that may run threads."""
-        self._ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), "--zygote", json.dumps(self.cfg), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True)  # a ^C meant for the trainer does not reach it
-        theirs.close()
-        self._ctl.settimeout(300)
-        if not (hello := self._ctl.recv(1 << 16)):
-            raise RuntimeError("the sandbox zygote failed to start (its error is printed above)")
-        self.isolation, missing = json.loads(hello).values()
-        for what in {k for k, v in self.isolation.items() if not v} | {f"preload of {m}" for m in missing} - _WARNED:
-            _WARNED.add(what)
-            warnings.warn(f"sandbox: {what} refused here; running without it", RuntimeWarning, 3)
-
-    def _new_worker(self, worker=None):
-        """A worker: a fork of the zygote with a request pipe and a reply pipe (filled into `worker`)."""
-        (req_r, req_w), (resp_r, resp_w) = os.pipe(), os.pipe()
-        ours = [open(req_w, "wb"), open(resp_r, "rb")]  # closed when collected, should we fail below
-        try:
-            with self._lock:
-                for _ in range(2):  # a zygote found dead (or dying) is replaced, once
-                    if self._proc.poll() is not None:
-                        self._ctl.close()
-                        self._start()
-                    with contextlib.suppress(OSError):
-                        if self._ctl.sendmsg([b"w"], [_rights(req_r, resp_w)]) and self._ctl.recv(1):
-                            break  # the zygote confirmed the fork
-                    self._proc.kill()
-                    self._proc.wait()
-                else:
-                    raise RuntimeError("the sandbox zygote cannot start a worker")
-        finally:
-            _close(req_r, resp_w)
-        if worker is None:
-            self._all.append(worker := [])
-        worker[:] = ours
-        return worker
-
-    def _call(self, worker, request):
-        try:
-            _send(worker[0], request)
-            if (reply := _recv(worker[1], self.cfg["timeout"] + 60)) is None:
-                raise EOFError("the sandbox worker died")
-            return Result(**reply)
-        except Exception as e:  # noqa: BLE001 - the machinery failed, not the snippet
-            _retire(worker)  # a hung worker sees EOF and exits, and its child with it
-            with contextlib.suppress(Exception):  # else retried on the next call
-                self._new_worker(worker)  # in place: the idle queue or the session keeps a live one
-            return Result(**_internal(repr(e)))
-
-    def run(self, code):
-        worker = self._idle.get()
-        try:
-            return self._call(worker, ("run", code))
-        finally:
-            self._idle.put(worker)
-
-    def run_many(self, codes):
-        """Concurrently on `workers` workers; results in input order."""
-        return list(self._pool.map(self.run, codes))
-
-    def session(self):
-        return Session(self)
-
-    def close(self):
-        self._pool.shutdown(wait=False)
-        for worker in self._all:
-            _retire(worker)  # each worker kills its child and exits
-        self._ctl.close()  # then the zygote exits
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(10)
-        self._proc.kill()  # a no-op once it exited
-
-
-class Session(_Closing):
-    """Stateful cells on a worker of its own: sessions never share state."""
-
-    def __init__(self, sandbox):
-        self._sb, self._lock, self._worker = sandbox, threading.Lock(), sandbox._new_worker()
-
-    def run(self, code):
-        with self._lock:
-            return self._sb._call(self._worker, ("cell", code))
-
-    def close(self):
-        _retire(self._worker)
-
-
-def _retire(worker):
-    for f in worker:
-        with contextlib.suppress(OSError):  # a dead worker's pipe: still closed
-            f.close()
-
-
 # ----------------------------------------------------------------------------- CLI
-if __name__ == "__main__" and sys.argv[1:2] == ["--zygote"]:
-    _zygote(json.loads(sys.argv[2]), int(sys.argv[3]))
-elif __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Run a Python file (or stdin) in the sandbox; print the Result as JSON.")
+def _die(msg):
+    print(f"sandbox.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _cli():
+    ap = argparse.ArgumentParser(prog="sandbox.py", description="Run a Python file (or stdin) in the sandbox; "
+                                 "print the Result as JSON.")
     ap.add_argument("file", nargs="?", help="code file (default: stdin)")
-    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--timeout", type=float, default=5.0, help="wall-clock limit in seconds (default: 5)")
+    ap.add_argument("--isolation", action="store_true", help="print the protections active here and exit")
+    ap.error = _die  # one line, not the usage block
     args = ap.parse_args()
-    try:
-        src = open(args.file, encoding="utf-8", errors="replace").read() if args.file else sys.stdin.read()
-    except OSError as e:
-        print(f"sandbox.py: cannot read {args.file}: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+    if not 0 < args.timeout < float("inf"):
+        _die(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    src = ""
+    if not args.isolation:
+        try:
+            src = open(args.file, encoding="utf-8", errors="replace").read() if args.file else sys.stdin.read()
+        except OSError as e:
+            _die(f"cannot read {args.file}: {e.strerror}")
     with Sandbox(args.timeout, workers=1) as sb:
-        print(json.dumps(asdict(sb.run(src)), ensure_ascii=False, indent=1))
+        if args.isolation:
+            print(json.dumps(sb.isolation, indent=1))
+        else:
+            print(json.dumps(asdict(sb.run(src)), ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--zygote"]:
+    _zygote(Config(**json.loads(sys.argv[2])), int(sys.argv[3]))
+elif __name__ == "__main__":
+    _cli()
