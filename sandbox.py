@@ -621,18 +621,20 @@ def _setup_worker(iso, cfg, pidns, userns, cgroup, strict=True):
     iso = state.iso
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote goes (the supervisor is gone): so do we
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote ignores it; we wait for our children
-    state.keep = {p: os.open(p, os.O_PATH) for p in _python_paths() if p.startswith("/tmp/")}
     if iso["pid_namespace"]:
         state.pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)  # ours, of which we are init
     _step(iso, "net_namespace", lambda: _unshare(CLONE_NEWNET), strict)
     _step(iso, "mount_namespace", lambda: _unshare(CLONE_NEWNS), strict)
+    if iso["mount_namespace"]:  # opened in our namespace (a bind source must be in it), before /tmp is covered
+        state.keep = {p: os.open(p, os.O_PATH) for p in _python_paths() if p.startswith("/tmp/")}
     iso["private_proc"] = iso["private_proc"] and iso["mount_namespace"] and iso["pid_namespace"]
     _step(iso, "private_proc", lambda: _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2"),
           strict)
     _step(iso, "memory_cgroup", lambda: _join_cgroup(state, host_pid), strict)
     if not iso["mount_namespace"]:
         state.workdir = f"/tmp/retool-sb-{host_pid}"  # degraded: a dir in the host's /tmp
-    _fresh_tmp(state)
+    if not _fresh_tmp(state):
+        raise OSError("cannot set up the worker's /tmp")
     _prctl(PR_SET_DUMPABLE, 0)  # nothing a snippet runs can read or write our memory
     return state
 

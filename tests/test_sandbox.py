@@ -49,7 +49,7 @@ def _descendants(root):
 
 
 def test_isolation_all_granted_here(sb):
-    assert set(sb.isolation) == set(ISOLATION)
+    assert set(sb.isolation) == set(ISOLATION) - {"user_namespace"}  # root needs none
     assert all(sb.isolation.values()), sb.isolation  # root on this kind of machine: nothing refused
 
 
@@ -169,7 +169,8 @@ def test_hostile_battery(sb, tmp_path):
                              "    threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()", "error"),
         "segfault via ctypes": ("import ctypes\nctypes.string_at(0)", "killed"),
         "deep recursion": ("def f(n): return f(n + 1)\nf(0)", "error"),
-        "C stack overflow": ("import sys\nsys.setrecursionlimit(10**8)\nx = []\nfor _ in range(10**6): x = [x]\nprint(x)", "killed"),
+        "C stack overflow": ("import pickle, sys\nsys.setrecursionlimit(10**8)\nx = []\nfor _ in range(10**6): x = [x]\n"
+                             "pickle.dumps(x)", "killed"),  # (print(x) is quadratic: 2 s before the overflow)
         "setuid": ("import os\nos.setuid(0)", "error"),
         "setuid-root binary": ("import subprocess\nprint(subprocess.run(['mount', '-t', 'tmpfs', 'x', '/tmp'], capture_output=True).returncode)", "ok"),
     }
