@@ -455,6 +455,13 @@ def _enter_user_namespace():
     _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
     _write("/proc/self/uid_map", f"0 {uid} 1")
     _write("/proc/self/gid_map", f"0 {gid} 1")
+    # Our PID namespace belongs to the host's user namespace: we could not return to it after
+    # forking a worker into a new one. So go on as init of a PID namespace that is ours.
+    _unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid:
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _prepare_root(userns):
@@ -468,10 +475,12 @@ def _prepare_root(userns):
         blocked = [a for a in ("/".join(parts[:i]) for i in range(2, len(parts))) if not os.stat(a).st_mode & 1]
         if blocked and not userns:
             masks.add(blocked[0])
-    if userns:
-        home = os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir)
-        if home != "/" and os.path.isdir(home) and os.stat(home).st_uid == os.getuid():
-            masks.add(home)
+    # /var/tmp: the host's other world-writable dir (and its sockets); home and runtime dir: the
+    # user's own files, readable when snippets keep the user's kernel uid (user mode).
+    for d in ["/var/tmp"] + ([pwd.getpwuid(os.getuid()).pw_dir, f"/run/user/{os.getuid()}"] if userns else []):
+        d = os.path.realpath(d)
+        if d != "/" and os.path.isdir(d) and not any(p == d or d.startswith(p + "/") for p in python):
+            masks.add(d)
     _unshare(CLONE_NEWNS)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
     keep = {p: os.open(p, os.O_PATH) for p in python if any(p.startswith(m + "/") for m in masks)}
@@ -807,6 +816,7 @@ def _confine(state, strict=True):
     """Snippet child, still root of its namespaces: apply the per-process protections, in this order."""
     iso = state.iso
     os.setsid()  # own session and group: no controlling tty, and kill(0)/killpg stay inside
+    _prctl(PR_SET_DUMPABLE, 1)  # the worker is not dumpable; we are, so our /proc/self is ours
     _step(iso, "ipc_namespace", lambda: _unshare(CLONE_NEWIPC), strict)  # SysV IPC and mqueues die with us
     os.chdir(state.workdir)
     if state.userns:  # 1. the user namespace first: it must not inherit our lowered RLIMIT_NPROC
@@ -816,7 +826,8 @@ def _confine(state, strict=True):
         _step(iso, "uid_drop", _drop_capabilities, strict)
     else:
         _step(iso, "uid_drop", lambda: _drop_uid(state), strict)
-    _prctl(PR_SET_DUMPABLE, 1)  # the worker is not dumpable; we are, so our /proc/self stays ours
+    if not state.userns:
+        _prctl(PR_SET_DUMPABLE, 1)  # the uid change cleared it
     _step(iso, "no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1), strict)  # 4. setuid bits inert
     _step(iso, "seccomp", _install_seccomp, strict)  # 5. needs no_new_privs
     # 6. after the uid change (which clears it): die with the worker, whatever kills it.
