@@ -1,10 +1,13 @@
 """sandbox.py: correctness, a hostile battery, sessions, load, CLI. Asserts statuses and outputs, never timing."""
+import inspect
 import json
+import shutil
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ISOLATION, UID_BASE, Sandbox
+from sandbox import ISOLATION, UID_BASE, Result, Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "retool-secret-" + uuid.uuid4().hex
@@ -124,14 +127,9 @@ def test_session_state_and_rollback(sb):
         assert s.run("print(x)").stdout == "42\n"
 
 
-def test_hostile_battery(sb, tmp_path):
-    listener = socket.create_server(("127.0.0.1", 0))  # a local service a snippet must not reach
-    port = listener.getsockname()[1]
-    secret_file = tmp_path / "secret.txt"
-    secret_file.write_text(SECRET)
-    secret_file.chmod(0o600)
-    places = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/work", str(REPO), str(tmp_path), "/root", "/"]
-    battery = {
+def _battery(port, secret_file, own_file, unix_path, places):
+    """name -> (code, expected status); SUPERVISOR_PID stands for the pid of the Sandbox's process."""
+    return {
         "busy loop": ("while True: pass", "timeout"),
         "signals ignored, BaseException caught": (
             "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU, signal.SIGALRM):\n"
@@ -151,7 +149,7 @@ def test_hostile_battery(sb, tmp_path):
         "stderr flood": ("import sys\nwhile True: sys.stderr.write('y' * 1000)", "killed"),
         "both streams flood": ("import sys\nwhile True:\n    sys.stdout.write('x' * 999)\n    sys.stderr.write('y' * 999)", "killed"),
         "environment secret": ("import os\nprint(dict(os.environ))\nprint(open('/proc/self/environ', 'rb').read())", "ok"),
-        "parent's environ": (f"print(open('/proc/{os.getpid()}/environ').read())", "error"),
+        "parent's environ": ("print(open('/proc/SUPERVISOR_PID/environ').read())", "error"),
         "secret file": (f"print(open({str(secret_file)!r}).read())", "error"),
         "shadow": ("print(open('/etc/shadow').read())", "error"),
         "connect outside": ("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", "error"),
@@ -172,11 +170,22 @@ def test_hostile_battery(sb, tmp_path):
         "C stack overflow": ("import pickle, sys\nsys.setrecursionlimit(10**8)\nx = []\nfor _ in range(10**6): x = [x]\n"
                              "pickle.dumps(x)", "killed"),  # (print(x) is quadratic: 2 s before the overflow)
         "setuid": ("import os\nos.setuid(0)", "error"),
+        "delete the user's file": (f"import os\nos.remove({str(own_file)!r})", "error"),
+        "host unix socket": (f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(unix_path)!r})", "error"),
+        "unix datagram pair re-aimed": (f"import socket\na, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                                        f"a.sendto(b'x', {str(unix_path)!r})", "error"),
+        "AF_VSOCK": ("import socket\nsocket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).connect((2, 22))", "error"),
         "setuid-root binary": ("import subprocess\nprint(subprocess.run(['mount', '-t', 'tmpfs', 'x', '/tmp'], capture_output=True).returncode)", "ok"),
     }
+
+
+def _run_battery(sb, codes):
     # The fork bomb runs alone: its 128 spinning processes would starve concurrent snippets into timeouts.
-    names = [n for n in battery if n != "fork bomb"]
-    results = dict(zip(names, sb.run_many([battery[n][0] for n in names])), **{"fork bomb": sb.run(battery["fork bomb"][0])})
+    names = [n for n in codes if n != "fork bomb"]
+    return dict(zip(names, sb.run_many([codes[n] for n in names])), **{"fork bomb": sb.run(codes["fork bomb"])})
+
+
+def _check_battery(battery, results, places, own_file):
     wrong = {name: r for name, r in results.items() if r.status != battery[name][1]}
     assert not wrong, wrong
     for name, r in results.items():  # nothing secret came out, whatever the status
@@ -188,11 +197,39 @@ def test_hostile_battery(sb, tmp_path):
     assert wrote == ["/tmp", "/dev/shm"]  # the snippet's own private tmpfs; checked below to be absent on the host
     assert results["setuid-root binary"].stdout != "0\n"
     assert results["connect outside"].feedback.startswith("OSError") or "unreachable" in results["connect outside"].feedback
-    listener.close()
-    # After the battery: no process of a snippet survives, no file was left, the sandbox still works.
-    assert all(uid == 0 for uid in _descendants(sb._proc.pid).values()), _descendants(sb._proc.pid)
     assert not [d for d in places if os.path.exists(os.path.join(d, MARK))]
     assert not [p for p in os.listdir("/tmp") if p.startswith("retool-sb-")]
+    assert own_file.read_text() == "mine"  # the user's own file is untouched
+
+
+@pytest.fixture()
+def targets(tmp_path):
+    """What a hostile snippet aims at: a local TCP service, a world-writable unix socket in /var/tmp,
+    a secret file and a file of the user's own (in a dir the user owns)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    own = Path(tempfile.mkdtemp(prefix="retool-test-own-", dir="/var/tmp"))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(own / "sock"))
+    unix.listen()
+    os.chmod(own / "sock", 0o777)
+    (own / "secret.txt").write_text(SECRET)
+    (own / "own.txt").write_text("mine")
+    (own / "secret.txt").chmod(0o600)
+    places = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/work", str(REPO), str(tmp_path), str(own), "/root", "/"]
+    battery = _battery(listener.getsockname()[1], own / "secret.txt", own / "own.txt", own / "sock", places)
+    yield battery, places, own
+    listener.close()
+    unix.close()
+    shutil.rmtree(own)
+
+
+def test_hostile_battery(sb, targets):
+    battery, places, own = targets
+    codes = {name: code.replace("SUPERVISOR_PID", str(os.getpid())) for name, (code, _) in battery.items()}
+    results = _run_battery(sb, codes)
+    _check_battery(battery, results, places, own / "own.txt")
+    # After the battery: no process of a snippet survives, the sandbox still works.
+    assert all(uid == 0 for uid in _descendants(sb._proc.pid).values()), _descendants(sb._proc.pid)
     assert sb.run("print(6 * 7)").stdout == "42\n"
 
 
@@ -243,3 +280,72 @@ def test_cli(tmp_path):
     assert json.loads(out.stdout)["status"] == "error"
     out = subprocess.run([sys.executable, str(REPO / "sandbox.py"), str(tmp_path / "nope.py")], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope.py" in out.stderr
+
+
+# ----------------------------------------------------------------------------- as an ordinary user
+NOBODY = 65534
+NOBODY_PY = Path("/var/tmp/retool-sandbox-nobody-py")  # outside /root (mode 700) and /tmp: nobody runs it
+DROP = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+HELPER = r'''
+import json, os, sys
+from pathlib import Path
+from dataclasses import asdict
+sys.path.insert(0, sys.argv[1])
+from sandbox import Sandbox
+job = json.load(sys.stdin)
+codes = {n: c.replace("SUPERVISOR_PID", str(os.getpid())) for n, c in job["codes"].items()}
+with Sandbox(timeout=2.0, memory_mb=512, workers=2) as sb:
+    results = _run_battery(sb, codes) if codes else {}
+    load = sb.run_many(job["load"])
+    left = _descendants(sb._proc.pid)
+    print(json.dumps({"isolation": sb.isolation, "results": {n: asdict(r) for n, r in results.items()},
+                      "load": [asdict(r) for r in load], "left": len(left)}))
+'''
+
+
+@pytest.fixture(scope="module")
+def nobody_python():
+    """An interpreter with numpy and sympy that `nobody` can execute: Debian's /usr/bin/python3 in a
+    venv under /var/tmp, built once and kept (the project's Python lives under /root, mode 700)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to run the sandbox as nobody")
+    python = NOBODY_PY / "bin" / "python"
+    probe = [*DROP, str(python), "-c", "import numpy, sympy"]
+    if not python.exists() or subprocess.run(probe, capture_output=True).returncode:
+        building = Path(f"{NOBODY_PY}.{os.getpid()}")
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(building)], check=True)
+        subprocess.run([str(building / "bin" / "pip"), "install", "-q", "numpy", "sympy"], check=True, timeout=600)
+        shutil.rmtree(NOBODY_PY, ignore_errors=True)
+        building.rename(NOBODY_PY)
+    assert subprocess.run(probe, capture_output=True).returncode == 0
+    checkout = Path(tempfile.mkdtemp(prefix="retool-test-checkout-", dir="/var/tmp"))  # readable by nobody
+    shutil.copy(REPO / "sandbox.py", checkout)
+    checkout.chmod(0o755)
+    yield python, checkout
+    shutil.rmtree(checkout)
+
+
+def _as_nobody(nobody_python, codes, load, cwd):
+    python, checkout = nobody_python
+    script = inspect.getsource(_descendants) + inspect.getsource(_run_battery) + HELPER
+    env = {"PATH": os.environ["PATH"], "RETOOL_TEST_SECRET": SECRET}
+    out = subprocess.run([*DROP, str(python), "-c", script, str(checkout)], input=json.dumps({"codes": codes, "load": load}),
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1]), out.stderr
+
+
+def test_hostile_battery_as_an_ordinary_user(nobody_python, targets):
+    battery, places, own = targets
+    shutil.chown(own, NOBODY, NOBODY)
+    for f in own.iterdir():
+        shutil.chown(f, NOBODY, NOBODY)  # the user's own files, and a secret of theirs
+    codes = {name: code for name, (code, _) in battery.items()}
+    load = [f"print({i} * 2)" if i % 4 else f"import numpy as np\nprint(int(np.arange({i}).sum()))" for i in range(512)]
+    report, warned = _as_nobody(nobody_python, codes, load, str(own))
+    granted = {k for k, v in report["isolation"].items() if v}
+    assert granted == set(ISOLATION) - {"memory_cgroup"}, report["isolation"]  # no cgroup is delegated to nobody
+    assert "memory_cgroup refused here" in warned  # said once, clearly
+    _check_battery(battery, {n: Result(**r) for n, r in report["results"].items()}, places, own / "own.txt")
+    assert report["left"] == 1 + 2  # the zygote's init and the 2 idle workers: no process of a snippet
+    assert [r["stdout"] for r in report["load"]] == [f"{i * 2}\n" if i % 4 else f"{i * (i - 1) // 2}\n" for i in range(512)]
