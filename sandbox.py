@@ -318,12 +318,12 @@ def _finish(why, code, oom, out, err, wall, cpu, cfg):
     out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     stdout, stderr = _cap(out, n), _cap(err, n)
     last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
-    if why == "timeout" or code == -signal.SIGXCPU:
+    if oom:
+        status, msg = "memory", f"MemoryError: the snippet's processes together used more than {cfg.memory_mb} MB"
+    elif why == "timeout" or code == -signal.SIGXCPU:
         status, msg = "timeout", f"Timeout Error: the code ran longer than {cfg.timeout:g} s"
     elif why == "output":
         status, msg = "killed", f"Killed: output exceeded {cfg.max_bytes} bytes"
-    elif oom:
-        status, msg = "memory", f"MemoryError: the snippet's processes together used more than {cfg.memory_mb} MB"
     elif code < 0:
         status, msg = "killed", f"Killed by signal {_signal_name(-code)}"
     else:
@@ -688,6 +688,10 @@ def _cgroup_parent():
         with contextlib.suppress(OSError):
             fd = os.open(base + path, os.O_RDONLY | os.O_DIRECTORY)
             if os.access(f"/proc/self/fd/{fd}", os.W_OK):
+                for name in os.listdir(fd):  # of sandboxes killed before they could clean up: empty ones go
+                    if name.startswith("retool-sb-"):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(name, dir_fd=fd)
                 return fd, *files
             os.close(fd)
     return None

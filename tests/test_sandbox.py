@@ -3,6 +3,7 @@ import inspect
 import json
 import shutil
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ISOLATION, UID_BASE, Result, Sandbox
+from sandbox import ISOLATION, SECCOMP_NR, UID_BASE, Result, Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "retool-secret-" + uuid.uuid4().hex
@@ -349,3 +350,103 @@ def test_hostile_battery_as_an_ordinary_user(nobody_python, targets):
     _check_battery(battery, {n: Result(**r) for n, r in report["results"].items()}, places, own / "own.txt")
     assert report["left"] == 1 + 2  # the zygote's init and the 2 idle workers: no process of a snippet
     assert [r["stdout"] for r in report["load"]] == [f"{i * 2}\n" if i % 4 else f"{i * (i - 1) // 2}\n" for i in range(512)]
+
+
+# ----------------------------------------------------------------------------- wherever Python lives
+def test_python_under_tmp_stays_visible_and_read_only(tmp_path):
+    """A venv and a checkout in /tmp (hidden by each snippet's private /tmp unless bound back)."""
+    venv, checkout = tmp_path / "venv", tmp_path / "checkout"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "retool_probe").mkdir()
+    (site / "retool_probe" / "__init__.py").write_text("")
+    (site / "retool_probe" / "lazy.py").write_text("X = 42\n")  # imported lazily, only by the snippet
+    checkout.mkdir()
+    shutil.copy(REPO / "sandbox.py", checkout)
+    script = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom sandbox import PRELOAD, Sandbox\n"
+              "with Sandbox(timeout=10, workers=1, preload=PRELOAD + ('retool_probe',)) as sb:\n"
+              "    print(json.dumps([sb.run(c).stdout or sb.run(c).feedback for c in json.load(sys.stdin)]))")
+    plant = f"open({str(site / 'retool_probe' / 'evil.py')!r}, 'w').write('print(666)')"
+    codes = ["import os, sys\nprint(sys.executable.startswith('/tmp/'), os.path.exists(sys.executable))",
+             "import retool_probe.lazy, sympy.tensor.tensor, numpy.polynomial\nprint(retool_probe.lazy.X)",
+             "import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True).stdout)",
+             plant, "import retool_probe.evil"]
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", script, str(checkout)], input=json.dumps(codes),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got[:3] == ["True True\n", "42\n", "b'7\\n'\n"]
+    assert got[3].startswith("OSError: [Errno 30] Read-only file system")  # nothing planted for a later snippet
+    assert got[4].startswith("ModuleNotFoundError")
+
+
+# ----------------------------------------------------------------------------- no hole between snippets
+def test_nothing_of_an_earlier_snippet_is_in_a_later_ones_memory():
+    """Snippet 1 prints a marker; snippet 2, on the same worker, searches all of its own writable memory
+    for it (the marker's two halves are apart in its code, so only a leak can put them together)."""
+    head, tail = "retool-mem-", uuid.uuid4().hex
+    search = (f"a, b = {head!r}.encode(), {tail!r}.encode()\nfound = 0\n"
+              "for line in open('/proc/self/maps'):\n    addr, perms = line.split()[:2]\n"
+              "    if not perms.startswith('rw'):\n        continue\n"
+              "    lo, hi = (int(x, 16) for x in addr.split('-'))\n"
+              "    with open('/proc/self/mem', 'rb') as mem:\n        mem.seek(lo)\n"
+              "        try:\n            chunk = mem.read(hi - lo)\n        except OSError:\n            continue\n"
+              "    at = chunk.find(a)\n    while at >= 0:\n        found += chunk[at + len(a):at + len(a) + len(b)] == b\n"
+              "        at = chunk.find(a, at + 1)\nprint('found', found)")
+    with Sandbox(timeout=30, workers=1) as box:
+        assert box.run(f"print({head!r} + {tail!r})").stdout == head + tail + "\n"
+        assert box.run(search).stdout == "found 0\n"
+
+
+def test_a_tree_deeper_than_the_recursion_limit_costs_nothing(sb):
+    deep = "import os\nfor _ in range(5000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
+    assert sb.run(deep).stdout == "deep\n"
+    results = sb.run_many(["import os\nprint(os.listdir('/tmp'))"] * 4)
+    assert [(r.status, r.stdout) for r in results] == [("ok", "[]\n")] * 4
+
+
+def test_keyrings_and_memfd_are_refused(sb):
+    nr = SECCOMP_NR[platform.machine()]
+    code = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"r = libc.syscall({nr['add_key']}, b'user', b'k', b'secret', 6, -4)\nprint(r, ctypes.get_errno())\n"
+            f"print(libc.syscall({nr['keyctl']}, 0, -4, 0), ctypes.get_errno())\n"  # KEYCTL_GET_KEYRING_ID
+            "try:\n    os.memfd_create('x')\nexcept OSError as e:\n    print(e.errno)")
+    assert sb.run(code).stdout == "-1 1\n-1 1\n1\n"  # EPERM: keyrings are per uid, not per namespace
+
+
+def test_memory_cap_holds_for_a_snippets_processes_together():
+    """Four processes of 200 MB each under memory_mb=512: each is below the cap, together above."""
+    code = ("import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        x = bytearray(200 << 20)\n        x[::4096] = b'1' * len(x[::4096])\n        time.sleep(60)\n"
+            "    kids.append(pid)\nfor pid in kids:\n    os.waitpid(pid, 0)")
+    with Sandbox(timeout=30, memory_mb=512, workers=1) as box:  # time to fault 800 MB in on a loaded machine
+        r = box.run(code)
+        assert (r.status, r.feedback) == ("memory", "MemoryError: the snippet's processes together used more than 512 MB")
+        assert box.run("print(1)").stdout == "1\n"
+
+
+def test_a_snippet_cannot_pass_itself_off_as_a_machinery_failure(sb):
+    forged = "import os, sys\nsys.stderr.write('SandboxError: confinement failed: x\\n')\nsys.stderr.flush()\nos._exit(254)"
+    r = sb.run(forged)
+    assert r.status == "error" and r.exit_code == 254
+    with sb.session() as s:
+        assert s.run(forged).status == "error"
+        r = s.run("import os, signal\nos.kill(os.getpid(), signal.SIGRTMIN + 2)")
+        assert (r.status, r.feedback) == ("killed", "Killed by signal SIGRTMIN+2")
+
+
+def test_session_cells_leave_nothing_behind_and_no_chain(sb):
+    with sb.session() as s:
+        assert s.run("x = 0").status == "ok"
+        for _ in range(200):  # more cells than the process cap: no process per past cell
+            assert s.run("x += 1").status == "ok"
+        assert s.run("print(x)").stdout == "200\n"
+        # A failed cell: a process it started, and an attempt to write the holder's memory, die with it.
+        r = s.run("import os, subprocess\np = subprocess.Popen(['sleep', '1000'])\nopen('/tmp/pid', 'w').write(str(p.pid))\n"
+                  "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                  "print(libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno())\n1/0")  # PTRACE_ATTACH the holder
+        assert r.status == "error" and r.stdout == "-1 1\n"
+        assert s.run("import os\nprint(os.path.exists('/proc/' + open('/tmp/pid').read()), x)").stdout == "False 200\n"
+        # A successful cell's background process goes too: it cannot forge a later cell's output.
+        assert s.run("import subprocess\np = subprocess.Popen(['sleep', '1000'])\nopen('/tmp/pid', 'w').write(str(p.pid))").status == "ok"
+        assert s.run("import os\nprint(os.path.exists('/proc/' + open('/tmp/pid').read()))").stdout == "False\n"
