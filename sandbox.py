@@ -75,6 +75,7 @@ ISOLATION = ("user_namespace", "ipc_namespace", "mount_namespace", "net_namespac
 UID_BASE = 1 << 20  # + the worker's pid: a uid per worker, so no NPROC count or signal crosses workers
 NPROC, NOFILE = 128, 256  # processes+threads per snippet; open files per process
 MARK = "\n[... output truncated ...]\n"
+WATCH_TICK_S = 0.05  # how often a running snippet's memory cgroup is checked for an OOM kill
 REAP_GRACE_S = 10  # a worker that has not reaped a killed snippet by then is broken
 WORKER_START_S = 300  # the zygote imports numpy and sympy first
 
@@ -239,20 +240,21 @@ def _run(worker, code, cfg):
         os.close(code_w)
         code_w = None
         bufs = {out_r: bytearray(), err_r: bytearray(), ready_r: bytearray()}
-        why = _watch(bufs, [run.pidfd], t0 + cfg.timeout, cfg.max_bytes)
+        why = _watch(bufs, [run.pidfd], t0 + cfg.timeout, cfg.max_bytes, run.over_memory)
         if why:
             signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # init of its PID ns: its whole tree goes
         run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
     finally:
-        _close(out_r, err_r, ready_r, code_w, run.pidfd)
+        _close(out_r, err_r, ready_r, code_w, run.pidfd, run.oom_fd)
     if bufs[ready_r] != b"r":
         raise RuntimeError(bufs[ready_r].decode(errors="replace").strip() or "the snippet's set-up failed")
-    return _finish(why, run.exit_code, run.oom, bufs[out_r], bufs[err_r], time.monotonic() - t0, run.cpu_s, cfg)
+    return _finish(why, run.exit_code, run.oom or why == "memory", bufs[out_r], bufs[err_r], time.monotonic() - t0, run.cpu_s, cfg)
 
 
 class _Running:
-    """The worker's messages about one child: "pid" + pidfd, then "exit" + wait status, rusage, OOM flag."""
-    pidfd = exit_code = cpu_s = oom = None
+    """The worker's messages about one child: "pid" + pidfd (+ its cgroup's OOM events file), then
+    "exit" + wait status, rusage, OOM flag."""
+    pidfd = oom_fd = exit_code = cpu_s = oom = over_memory = None
 
     def __init__(self, sock):
         self.sock = sock
@@ -261,12 +263,15 @@ class _Running:
         while True:
             if not select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))[0]:
                 raise TimeoutError(f"no {word.decode()!r} from the sandbox worker")
-            msg, anc, _, _ = self.sock.recvmsg(64, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12))
+            msg, anc, _, _ = self.sock.recvmsg(64, socket.CMSG_SPACE(8) + socket.CMSG_SPACE(12))
             if not msg:
                 raise EOFError("the sandbox worker died")
             fds = _fds(anc)
             if msg == b"pid" and fds:
                 self.pidfd = fds[0]
+                if len(fds) > 1:  # one OOM kill in the cgroup ends the whole snippet, not just that process
+                    self.oom_fd, before = fds[1], _oom_count(fds[1])
+                    self.over_memory = lambda: _oom_count(self.oom_fd) > before
             elif msg.startswith(b"exit"):
                 status, user_s, user_us, sys_s, sys_us, self.oom = struct.unpack("=i4qi", msg[4:])
                 self.exit_code = os.waitstatus_to_exitcode(status)
@@ -275,9 +280,10 @@ class _Running:
                 return
 
 
-def _watch(bufs, events, deadline, max_bytes):
+def _watch(bufs, events, deadline, max_bytes, over_memory=None):
     """Drain all pipes {fd: bytearray} at once (a flood on one never blocks the other) until all are
-    at EOF and every fd in events is readable. Returns None, "timeout" or "output"."""
+    at EOF and every fd in events is readable. Returns None, "timeout", "output" or "memory" (when
+    over_memory(), asked every WATCH_TICK_S, says so)."""
     poll, live, waiting = select.poll(), dict(bufs), set(events)
     for fd in (*live, *events):
         poll.register(fd, select.POLLIN)
@@ -285,7 +291,9 @@ def _watch(bufs, events, deadline, max_bytes):
         left = deadline - time.monotonic()
         if left <= 0:
             return "timeout"
-        for fd, _ in poll.poll(left * 1000):
+        if over_memory is not None and over_memory():
+            return "memory"
+        for fd, _ in poll.poll(min(left, WATCH_TICK_S if over_memory else left) * 1000):
             if fd in waiting:
                 waiting.discard(fd)
                 poll.unregister(fd)
@@ -619,6 +627,7 @@ class _State:
     tmp_mounted: bool = False
     cgroup: tuple | None = None  # the zygote's cgroup: (dir fd, limit file, events file)
     cgroup_name: str = ""  # ours, inside it
+    oom_fd: int | None = None  # its OOM events file
     ooms: int = 0
 
 
@@ -708,6 +717,7 @@ def _join_cgroup(state, host_pid):
     state.cgroup_name = name
     _write_at(fd, f"{name}/{limit_file}", str((state.cfg.memory_mb + state.cfg.disk_mb) << 20))
     _write_at(fd, f"{name}/cgroup.procs", "0")  # ourselves, so every child is born inside
+    state.oom_fd = os.open(f"{name}/{state.cgroup[2]}", os.O_RDONLY, dir_fd=fd)
     state.ooms = _oom_kills(state)
 
 
@@ -727,11 +737,11 @@ def _leave_cgroup(state):
 
 
 def _oom_kills(state):
-    if not state.cgroup_name:
-        return 0
-    fd = os.open(f"{state.cgroup_name}/{state.cgroup[2]}", os.O_RDONLY, dir_fd=state.cgroup[0])
-    with open(fd) as f:
-        found = re.search(r"oom_kill (\d+)", f.read())
+    return _oom_count(state.oom_fd) if state.oom_fd is not None else 0
+
+
+def _oom_count(fd):  # memory.oom_control (v1) or memory.events (v2)
+    found = re.search(rb"oom_kill (\d+)", os.pread(fd, 4096, 0))
     return int(found.group(1)) if found else 0
 
 
@@ -746,7 +756,7 @@ def _serve(sock, state):
         pid = _spawn(state, fds, _snippet if msg == b"run" else _session_init)
         _close(*fds)
         pidfd = os.pidfd_open(pid)  # our unreaped child: the id cannot have been reused
-        sock.sendmsg([b"pid"], [_rights(pidfd)])
+        sock.sendmsg([b"pid"], [_rights(pidfd, *([] if state.oom_fd is None else [state.oom_fd]))])
         os.close(pidfd)
         # Reaped into ctypes buffers, sent as raw bytes and zeroed: nothing of the snippet (not even
         # its exit code) stays in the memory that the next snippet is forked from.
@@ -915,7 +925,7 @@ class Session(_Closing):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._cells.run.pidfd, signal.SIGKILL)  # the namespace goes whole
                 self._cells.run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
-            _close(self._cells.run.pidfd)
+            _close(self._cells.run.pidfd, self._cells.run.oom_fd)
             self._cells.sock.close()
             self._cells = None
 

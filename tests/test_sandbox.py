@@ -450,3 +450,13 @@ def test_session_cells_leave_nothing_behind_and_no_chain(sb):
         # A successful cell's background process goes too: it cannot forge a later cell's output.
         assert s.run("import subprocess\np = subprocess.Popen(['sleep', '1000'])\nopen('/tmp/pid', 'w').write(str(p.pid))").status == "ok"
         assert s.run("import os\nprint(os.path.exists('/proc/' + open('/tmp/pid').read()))").stdout == "False\n"
+
+
+def test_cli_validates_flags_and_shows_isolation():
+    for flags, words in ((["--timeout", "-1"], "--timeout"), (["--timeout", "x"], "--timeout"), (["--nope"], "--nope")):
+        out = subprocess.run([sys.executable, str(REPO / "sandbox.py"), *flags], capture_output=True, text=True,
+                             input="print(1)", timeout=120)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("sandbox.py: error: ") and words in out.stderr
+    out = subprocess.run([sys.executable, str(REPO / "sandbox.py"), "--isolation"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout) == dict.fromkeys(set(ISOLATION) - {"user_namespace"}, True)
