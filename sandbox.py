@@ -75,7 +75,7 @@ ISOLATION = ("user_namespace", "ipc_namespace", "mount_namespace", "net_namespac
 UID_BASE = 1 << 20  # + the worker's pid: a uid per worker, so no NPROC count or signal crosses workers
 NPROC, NOFILE = 128, 256  # processes+threads per snippet; open files per process
 MARK = "\n[... output truncated ...]\n"
-WATCH_TICK_S = 0.05  # how often a running snippet's memory cgroup is checked for an OOM kill
+WATCH_TICK_S = 0.1  # how often a running snippet's memory is checked (cgroup OOM kills, or the watchdog)
 REAP_GRACE_S = 10  # a worker that has not reaped a killed snippet by then is broken
 WORKER_START_S = 300  # the zygote imports numpy and sympy first
 
@@ -229,7 +229,7 @@ def _run(worker, code, cfg):
     """One snippet on `worker`: hand it the pipes, feed the code, watch until the end or a limit."""
     t0, pipes = time.monotonic(), [os.pipe() for _ in range(4)]  # stdout, stderr, code, ready
     (out_r, out_w), (err_r, err_w), (code_r, code_w), (ready_r, ready_w) = pipes
-    run = _Running(worker.sock)
+    run = _Running(worker.sock, cfg.memory_mb)
     try:
         worker.sock.sendmsg([b"run"], [_rights(out_w, err_w, code_r, ready_w)])
         _close(out_w, err_w, code_r, ready_w)
@@ -256,8 +256,8 @@ class _Running:
     "exit" + wait status, rusage, OOM flag."""
     pidfd = oom_fd = exit_code = cpu_s = oom = over_memory = None
 
-    def __init__(self, sock):
-        self.sock = sock
+    def __init__(self, sock, memory_mb=None):
+        self.sock, self.memory_mb = sock, memory_mb
 
     def wait_for(self, word, deadline):
         while True:
@@ -272,6 +272,8 @@ class _Running:
                 if len(fds) > 1:  # one OOM kill in the cgroup ends the whole snippet, not just that process
                     self.oom_fd, before = fds[1], _oom_count(fds[1])
                     self.over_memory = lambda: _oom_count(self.oom_fd) > before
+                elif self.memory_mb:
+                    self.over_memory = _memory_watchdog(self.pidfd, self.memory_mb << 20)
             elif msg.startswith(b"exit"):
                 status, user_s, user_us, sys_s, sys_us, self.oom = struct.unpack("=i4qi", msg[4:])
                 self.exit_code = os.waitstatus_to_exitcode(status)
@@ -284,15 +286,17 @@ def _watch(bufs, events, deadline, max_bytes, over_memory=None):
     """Drain all pipes {fd: bytearray} at once (a flood on one never blocks the other) until all are
     at EOF and every fd in events is readable. Returns None, "timeout", "output" or "memory" (when
     over_memory(), asked every WATCH_TICK_S, says so)."""
-    poll, live, waiting = select.poll(), dict(bufs), set(events)
+    poll, live, waiting, next_check = select.poll(), dict(bufs), set(events), time.monotonic() + WATCH_TICK_S
     for fd in (*live, *events):
         poll.register(fd, select.POLLIN)
     while live or waiting:
         left = deadline - time.monotonic()
         if left <= 0:
             return "timeout"
-        if over_memory is not None and over_memory():
-            return "memory"
+        if over_memory is not None and time.monotonic() >= next_check:
+            if over_memory():
+                return "memory"
+            next_check = time.monotonic() + WATCH_TICK_S
         for fd, _ in poll.poll(min(left, WATCH_TICK_S if over_memory else left) * 1000):
             if fd in waiting:
                 waiting.discard(fd)
@@ -307,6 +311,30 @@ def _watch(bufs, events, deadline, max_bytes, over_memory=None):
             if sum(map(len, bufs.values())) > max_bytes:
                 return "output"
     return None
+
+
+def _memory_watchdog(pidfd, limit):
+    """Without a memory cgroup: is the proportional share (PSS) of anonymous and shared memory of the
+    snippet's processes together above limit? Its process tree is found from the parents in /proc."""
+    fdinfo = open(f"/proc/self/fdinfo/{pidfd}").read()
+    root = int(re.search(r"Pid:\s*(-?\d+)", fdinfo).group(1))
+
+    def over():
+        children = {}
+        for entry in os.scandir("/proc"):
+            with contextlib.suppress(OSError, IndexError):  # a process that just ended
+                if entry.name.isdigit():
+                    parent = int(open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(parent, []).append(int(entry.name))
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            todo += children.get(pid, [])
+            with contextlib.suppress(OSError):
+                rollup = open(f"/proc/{pid}/smaps_rollup").read()
+                total += sum(map(int, re.findall(r"^Pss_(?:Anon|Shmem):\s+(\d+)", rollup, re.M))) << 10
+        return total > limit
+    return over
 
 
 def _cap(s, n):

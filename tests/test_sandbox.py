@@ -299,8 +299,10 @@ with Sandbox(timeout=2.0, memory_mb=512, workers=2) as sb:
     results = _run_battery(sb, codes) if codes else {}
     load = sb.run_many(job["load"])
     left = _descendants(sb._proc.pid)
+with Sandbox(timeout=30, memory_mb=512, workers=1) as sb:  # time to fault 800 MB in on a loaded machine
+    together = sb.run(job["together"])
     print(json.dumps({"isolation": sb.isolation, "results": {n: asdict(r) for n, r in results.items()},
-                      "load": [asdict(r) for r in load], "left": len(left)}))
+                      "load": [asdict(r) for r in load], "left": len(left), "together": asdict(together)}))
 '''
 
 
@@ -330,7 +332,8 @@ def _as_nobody(nobody_python, codes, load, cwd):
     python, checkout = nobody_python
     script = inspect.getsource(_descendants) + inspect.getsource(_run_battery) + HELPER
     env = {"PATH": os.environ["PATH"], "RETOOL_TEST_SECRET": SECRET}
-    out = subprocess.run([*DROP, str(python), "-c", script, str(checkout)], input=json.dumps({"codes": codes, "load": load}),
+    job = {"codes": codes, "load": load, "together": MEMORY_TOGETHER}
+    out = subprocess.run([*DROP, str(python), "-c", script, str(checkout)], input=json.dumps(job),
                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1]), out.stderr
@@ -349,6 +352,8 @@ def test_hostile_battery_as_an_ordinary_user(nobody_python, targets):
     assert "memory_cgroup refused here" in warned  # said once, clearly
     _check_battery(battery, {n: Result(**r) for n, r in report["results"].items()}, places, own / "own.txt")
     assert report["left"] == 1 + 2  # the zygote's init and the 2 idle workers: no process of a snippet
+    together = Result(**report["together"])  # no cgroup for nobody: the watchdog holds the cap
+    assert (together.status, together.feedback) == ("memory", "MemoryError: the snippet's processes together used more than 512 MB")
     assert [r["stdout"] for r in report["load"]] == [f"{i * 2}\n" if i % 4 else f"{i * (i - 1) // 2}\n" for i in range(512)]
 
 
@@ -414,13 +419,15 @@ def test_keyrings_and_memfd_are_refused(sb):
     assert sb.run(code).stdout == "-1 1\n-1 1\n1\n"  # EPERM: keyrings are per uid, not per namespace
 
 
+MEMORY_TOGETHER = ("import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+                   "        x = bytearray(200 << 20)\n        x[::4096] = b'1' * len(x[::4096])\n        time.sleep(60)\n"
+                   "    kids.append(pid)\nfor pid in kids:\n    os.waitpid(pid, 0)")
+
+
 def test_memory_cap_holds_for_a_snippets_processes_together():
     """Four processes of 200 MB each under memory_mb=512: each is below the cap, together above."""
-    code = ("import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
-            "        x = bytearray(200 << 20)\n        x[::4096] = b'1' * len(x[::4096])\n        time.sleep(60)\n"
-            "    kids.append(pid)\nfor pid in kids:\n    os.waitpid(pid, 0)")
     with Sandbox(timeout=30, memory_mb=512, workers=1) as box:  # time to fault 800 MB in on a loaded machine
-        r = box.run(code)
+        r = box.run(MEMORY_TOGETHER)
         assert (r.status, r.feedback) == ("memory", "MemoryError: the snippet's processes together used more than 512 MB")
         assert box.run("print(1)").stdout == "1\n"
 
