@@ -401,9 +401,12 @@ def _mount(src, dst, fstype, flags, data=None):
     _check(_libc.mount(b(src), b(dst), b(fstype), flags, b(data)), f"mount {dst}")
 
 
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+def _write(path, text, dir_fd=None):
+    fd = os.open(path, os.O_WRONLY, dir_fd=dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _close(*fds):
@@ -459,8 +462,11 @@ def _seccomp_filter(nr):
             labels[item] = len(code)
         else:
             code.append(item)
-    jump = lambda pc, target: labels[target] - pc - 1 if isinstance(target, str) else target  # noqa: E731
-    return b"".join(struct.pack("HBBI", op, jump(pc, jt), jump(pc, jf), k) for pc, (op, jt, jf, k) in enumerate(code))
+    out = b""
+    for pc, (op, jt, jf, k) in enumerate(code):  # a label's offset counts from the next instruction
+        jt, jf = (labels[j] - pc - 1 if isinstance(j, str) else j for j in (jt, jf))
+        out += struct.pack("HBBI", op, jt, jf, k)
+    return out
 
 
 def _install_seccomp():
@@ -565,7 +571,7 @@ def _zygote(cfg, ctl_fd):
     cgroup = _cgroup_parent()
     _step(iso, "mount_namespace", lambda: _prepare_root(userns), False)
     pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
-    _step(iso, "pid_namespace", lambda: (_unshare(CLONE_NEWPID), _setns(pidns)), False)
+    _step(iso, "pid_namespace", lambda: _fork_worker_probe(pidns), False)
     iso = _probe(iso, cfg, pidns, userns, cgroup)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers reap themselves
     gc.freeze()  # forked children then never copy the zygote's objects to collect them
@@ -591,19 +597,18 @@ def _remove_cgroups(cgroup, pids):
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    for _ in range(100):
-        left = []
-        for pid in pids:
-            try:
-                os.rmdir(f"retool-sb-{pid}", dir_fd=cgroup[0])
-            except FileNotFoundError:
-                pass
-            except OSError:
-                left.append(pid)
-        if not left:
-            return
-        pids = left
-        time.sleep(0.01)
+    for pid in pids:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                if os.path.exists(f"/proc/self/fd/{cgroup[0]}/retool-sb-{pid}"):
+                    os.rmdir(f"retool-sb-{pid}", dir_fd=cgroup[0])
+                break
+            time.sleep(0.01)
+
+
+def _fork_worker_probe(pidns):  # can we make a PID namespace for a child and come back to ours?
+    _unshare(CLONE_NEWPID)
+    _setns(pidns)
 
 
 def _setns(fd):  # our later forks: children in our own PID namespace again
@@ -743,29 +748,10 @@ def _join_cgroup(state, host_pid):
     name = f"retool-sb-{host_pid}"
     os.mkdir(name, dir_fd=fd)
     state.cgroup_name = name
-    _write_at(fd, f"{name}/{limit_file}", str((state.cfg.memory_mb + state.cfg.disk_mb) << 20))
-    _write_at(fd, f"{name}/cgroup.procs", "0")  # ourselves, so every child is born inside
+    _write(f"{name}/{limit_file}", str((state.cfg.memory_mb + state.cfg.disk_mb) << 20), fd)
+    _write(f"{name}/cgroup.procs", "0", fd)  # ourselves, so every child is born inside
     state.oom_fd = os.open(f"{name}/{state.cgroup[2]}", os.O_RDONLY, dir_fd=fd)
-    state.ooms = _oom_kills(state)
-
-
-def _write_at(dir_fd, path, text):
-    fd = os.open(path, os.O_WRONLY, dir_fd=dir_fd)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _leave_cgroup(state):
-    fd = state.cgroup[0]
-    with contextlib.suppress(OSError):
-        _write_at(fd, "cgroup.procs", "0")
-        os.rmdir(state.cgroup_name, dir_fd=fd)
-
-
-def _oom_kills(state):
-    return _oom_count(state.oom_fd) if state.oom_fd is not None else 0
+    state.ooms = _oom_count(state.oom_fd)
 
 
 def _oom_count(fd):  # memory.oom_control (v1) or memory.events (v2)
@@ -790,16 +776,14 @@ def _serve(sock, state):
         # its exit code) stays in the memory that the next snippet is forked from.
         _check(int(_libc.wait4(pid, ctypes.byref(status), 0, rusage) != pid), "wait4")
         healthy = _fresh_tmp(state)
-        oom = _oom_kills(state)
+        oom = _oom_count(state.oom_fd) if state.oom_fd is not None else 0
         sock.sendmsg([b"exit", status, memoryview(rusage)[:32], struct.pack("=i", int(oom > state.ooms))])
         state.ooms = oom
         ctypes.memset(ctypes.byref(status), 0, 4)
         ctypes.memset(rusage, 0, len(rusage))
         if not healthy:
             break  # a worker that cannot give the next snippet a clean /tmp is retired
-    sock.close()
-    if state.cgroup_name:
-        _leave_cgroup(state)
+    sock.close()  # (our cgroup goes when the zygote exits)
     if not state.iso["mount_namespace"]:
         subprocess.run(["rm", "-rf", state.workdir], stdin=state.null)
     os._exit(0)
@@ -876,16 +860,9 @@ def _confine(state, strict=True):
     _step(iso, "parent_death_signal", lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL), strict)
 
 
-def _read_code():
-    chunks = []
-    while chunk := os.read(3, 1 << 16):
-        chunks.append(chunk)
-    os.close(3)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def _snippet():
-    code = _read_code()
+    with open(3, "rb") as f:
+        code = f.read().decode(errors="replace")
     os.write(4, b"r")  # set up: from here on, every failure is the snippet's own
     os.close(4)
     os._exit(_execute(code, types.ModuleType("__main__")))

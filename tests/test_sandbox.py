@@ -168,7 +168,7 @@ def _battery(port, secret_file, own_file, unix_path, places):
                              "    threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()", "error"),
         "segfault via ctypes": ("import ctypes\nctypes.string_at(0)", "killed"),
         "deep recursion": ("def f(n): return f(n + 1)\nf(0)", "error"),
-        "C stack overflow": ("import pickle, sys\nsys.setrecursionlimit(10**8)\nx = []\nfor _ in range(10**6): x = [x]\n"
+        "C stack overflow": ("import pickle, sys\nsys.setrecursionlimit(10**8)\nx = []\nfor _ in range(2 * 10**5): x = [x]\n"
                              "pickle.dumps(x)", "killed"),  # (print(x) is quadratic: 2 s before the overflow)
         "setuid": ("import os\nos.setuid(0)", "error"),
         "delete the user's file": (f"import os\nos.remove({str(own_file)!r})", "error"),
