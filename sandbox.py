@@ -214,8 +214,8 @@ _ADVICE = {
                       "and write what you can (enable them: sysctl kernel.unprivileged_userns_clone=1 or "
                       "user.max_user_namespaces > 0; in Docker, run with --security-opt seccomp=unconfined), "
                       "or run as root",
-    "memory_cgroup": ": memory_mb caps each process of a snippet, not all of them together (run as root, or "
-                     "delegate a memory cgroup)",
+    "memory_cgroup": ": a watchdog samples a snippet's memory every 0.1 s instead (run as root, or delegate a "
+                     "memory cgroup, for a hard cap)",
 }
 
 
@@ -245,6 +245,9 @@ def _run(worker, code, cfg):
             signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # init of its PID ns: its whole tree goes
         run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
     finally:
+        if run.pidfd is not None and run.exit_code is None:  # the machinery failed midway: the snippet goes
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
         _close(out_r, err_r, ready_r, code_w, run.pidfd, run.oom_fd)
     if bufs[ready_r] != b"r":
         raise RuntimeError(bufs[ready_r].decode(errors="replace").strip() or "the snippet's set-up failed")
