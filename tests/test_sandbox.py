@@ -27,7 +27,7 @@ MARK = "retool-leak-" + uuid.uuid4().hex  # every file a hostile snippet tries t
 def sb():
     os.environ["RETOOL_TEST_SECRET"] = SECRET  # the caller's environment must not reach snippets
     try:
-        with Sandbox(timeout=2.0, memory_mb=512, workers=2) as box:
+        with Sandbox(timeout=4.0, memory_mb=512, workers=2) as box:  # 4 s: other jobs share these 2 cores
             yield box
     finally:
         os.environ.pop("RETOOL_TEST_SECRET")
@@ -295,7 +295,7 @@ sys.path.insert(0, sys.argv[1])
 from sandbox import Sandbox
 job = json.load(sys.stdin)
 codes = {n: c.replace("SUPERVISOR_PID", str(os.getpid())) for n, c in job["codes"].items()}
-with Sandbox(timeout=2.0, memory_mb=512, workers=2) as sb:
+with Sandbox(timeout=4.0, memory_mb=512, workers=2) as sb:
     results = _run_battery(sb, codes) if codes else {}
     load = sb.run_many(job["load"])
     left = _descendants(sb._proc.pid)
