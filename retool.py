@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -1336,7 +1336,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=1.0):
 
 def group_advantages(rewards, n, std=True, eps=1e-6):
     """GRPO: (N,) rewards in consecutive groups of n rollouts of one prompt -> (N,) advantages.
-    std=False is Dr. GRPO (no division). A group whose rewards are all equal gets exactly 0."""
+    The std is the group's population std (correction 0; verl divides by the unbiased one, x1.15 at
+    n=4). std=False is Dr. GRPO (no division). A group whose rewards are all equal gets exactly 0."""
     r = rewards.view(-1, n)
     a = r - r.mean(1, keepdim=True)
     if std:
@@ -1345,20 +1346,42 @@ def group_advantages(rewards, n, std=True, eps=1e-6):
     return torch.where(flat, torch.zeros_like(a), a).view(-1)
 
 
+def whiten(adv, mask, device, eps=1e-8):
+    """PPO advantages (B, T) shifted and scaled by the masked mean and unbiased variance over all
+    ranks' sampled tokens (verl's masked_whiten; the paper's lr was tuned with it); 0 where mask is 0."""
+    m = mask > 0
+    a = adv[m].double()
+    n, s1, s2 = reduce_floats([a.numel(), a.sum().item(), (a * a).sum().item()], device)
+    mean = s1 / max(n, 1.0)
+    var = (s2 - n * mean * mean) / max(n - 1.0, 1.0)
+    return torch.where(m, (adv - mean) / math.sqrt(var + eps), torch.zeros_like(adv))
+
+
 # ----------------------------------------------------------------------------- losses
+
+LOG_RATIO_CLAMP = 20.0  # verl's bound: logp - old = 100 would give exp() = inf and 0 * inf = NaN gradients
+
 
 def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=10.0):
     """Clipped surrogate with separate low/high bounds and a dual clip for negative advantages.
     -> per-token loss (B, T), exactly 0 (and 0 gradient) where mask is 0, and the clipped mask."""
     m = mask > 0
     logp = torch.where(m, logp, old_logp)  # mask-0 logits get no gradient, not even 0 * inf
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(l1, l2)
     # dual clip: a negative advantage times a runaway ratio would otherwise be unbounded
     loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
     clipped = m & (loss != l1)  # the clip or the dual clip decided
     return torch.where(m, loss, torch.zeros_like(loss)), clipped
+
+
+def tis_weights(old_logp, engine_logp, mask, cap):
+    """Truncated importance sampling against the rollout/trainer mismatch: the engine sampled each
+    token with its own log-prob, the loss assumes the trainer's, so weight it by
+    min(exp(old - engine), cap) (verl, slime, OpenRLHF). (B, T); 0 where mask is 0; cap 0: all 1."""
+    w = torch.exp(old_logp - engine_logp).clamp(max=cap) if cap > 0 else torch.ones_like(old_logp)
+    return torch.where(mask > 0, w, torch.zeros_like(w))
 
 
 def value_loss(values, old_values, returns, mask, clip=0.5):
@@ -1416,6 +1439,41 @@ def timed(tool, timer):
     return run
 
 
+def cached(tool, counts):
+    """The tool for one generate call, running each distinct code once: a call whose exact code has
+    already run (or is running) gets that result. Right for stateless snippets only: a script that
+    draws random numbers gets its first run's draw in every rollout. counts["calls"/"hits"] += ..."""
+    lock, results = threading.Lock(), {}
+
+    def run(codes):
+        mine = {}
+        with lock:
+            for c in codes:
+                if c not in results:
+                    results[c] = mine[c] = Future()
+            counts["calls"] += len(codes)
+            counts["hits"] += len(codes) - len(mine)
+        if mine:
+            try:
+                out = list(tool(list(mine)))
+                if len(out) != len(mine):
+                    raise ValueError(f"the tool answered {len(out)} results for {len(mine)} calls")
+            except Exception as e:  # the waiters see it too; run_tool makes it their feedback
+                for f in mine.values():
+                    f.set_exception(e)
+                raise
+            for f, r in zip(mine.values(), out):
+                f.set_result(r)
+        return [results[c].result() for c in codes]
+    return run
+
+
+def model_text(traj, tokenizer) -> str:
+    """The model's own text (loss mask 1): the RL reward grades it, so a \\boxed{} that only the
+    interpreter printed earns nothing (eval grades the whole response, as the official harness)."""
+    return decode(tokenizer, [t for t, m in zip(traj.response_ids, traj.loss_mask) if m])
+
+
 def first_code_token(tokenizer, response_ids):
     """Token index of the first `<code>` in a response (binary search over decoded prefixes)."""
     return bisect.bisect_left(range(len(response_ids)), True,
@@ -1432,7 +1490,7 @@ def to_record(traj, gold, tokenizer):
     eng[p - 1:] = torch.tensor(traj.logprobs, dtype=torch.float)
     calls = traj.tool_calls
     stats = dict(
-        reward=reward(traj.text, gold), length=r, code=float(bool(calls)), calls=len(calls),
+        reward=reward(model_text(traj, tokenizer), gold), length=r, code=float(bool(calls)), calls=len(calls),
         code_lines=sum(sum(1 for l in c.code.splitlines() if l.strip()) for c in calls),
         calls_ok=sum(c.status == "ok" for c in calls),
         first_call=first_code_token(tokenizer, traj.response_ids) / r if calls else 0.0)
@@ -1444,9 +1502,12 @@ def collate(records, keys):
     return {k: pad_sequence([rec[k] for rec in records], batch_first=True) for k in keys}
 
 
-def rollout(policy, tokenizer, jobs, args, tool, step):
+def rollout(policy, tokenizer, jobs, args, tool, step, counts=None):
     """n rollouts for each (global prompt index j, Problem) job, in one generate call. Every row is
-    seeded from (seed, step, j, rollout) only, so sharding prompts over ranks changes no rollout."""
+    seeded from (seed, step, j, rollout) only, so sharding prompts over ranks changes no rollout.
+    Identical codes run once (cached) unless --no-tool-cache; counts gets the calls and cache hits."""
+    counts = {"calls": 0, "hits": 0} if counts is None else counts
+    tool = tool if tool is None or args.no_tool_cache else cached(tool, counts)
     prompts = [render_prompt(tokenizer, p.problem, not args.no_tools, args.template) for _, p in jobs]
     seeds = [((args.seed * 1_000_003 + step) * 100_003 + j) * 1_009 + i for j, _ in jobs for i in range(args.n)]
     trajs = generate(policy, tokenizer, [x for x in prompts for _ in range(args.n)],
@@ -1492,10 +1553,12 @@ def score(records, policy, critic, ref, args, device):
             rec["old"], rec["ent"] = old[k, :n].cpu(), ent[k, :n].cpu()
             rec["ref"] = refl[k, :n].cpu() if ref else rec["old"]
             rec["val"] = val[k, :n].cpu() if critic else torch.zeros(n)
+            rec["tis"] = tis_weights(rec["old"], rec["eng"], rec["mask"], args.tis_cap)
 
 
-def add_advantages(records, args):
-    """PPO: token-level GAE on the critic's values with the reward on the last sampled token.
+def add_advantages(records, args, device=torch.device("cpu")):
+    """PPO: token-level GAE on the critic's values with the reward on the last sampled token,
+    whitened over the step's tokens on all ranks unless --no-whiten.
     GRPO: the group-normalised reward on every sampled token (a group = n consecutive records)."""
     b = collate(records, ["mask", "val"])
     mask, rewards = b["mask"], torch.zeros_like(b["mask"])
@@ -1504,6 +1567,7 @@ def add_advantages(records, args):
         last = (mask * torch.arange(mask.shape[1])).argmax(1)  # each row's last sampled position
         rewards[torch.arange(len(records)), last] = r
         adv, ret = gae(rewards, b["val"], mask)
+        adv = adv if args.no_whiten else whiten(adv, mask, device)
     else:
         adv, ret = group_advantages(r, args.n, std=not args.no_std)[:, None] * mask, b["val"]
     for k, rec in enumerate(records):
@@ -1516,18 +1580,21 @@ def minibatch_backward(records, policy, critic, args, device, n_tokens, train_po
     the sampled-token count of the WHOLE mini-batch over all ranks, so the loss is a token-mean
     over the global batch however it is micro-batched or sharded. -> summed statistics."""
     scale = world_size() / n_tokens  # FSDP averages gradients over ranks: undo that
-    keys = ["ids", "mask", "old", "ref", "val", "adv", "ret"]
+    keys = ["ids", "mask", "old", "ref", "val", "adv", "ret", "tis"]
     acc = dict(loss=0.0, clipped=0.0, approx_kl=0.0, ref_kl=0.0, value_loss=0.0)
     for i in range(0, len(records), args.micro_batch):
         b = {k: v.to(device) for k, v in collate(records[i:i + args.micro_batch], keys).items()}
         m = b["mask"]
+        for model in (policy, critic):  # FSDP: reduce-scatter once per mini-batch, at its end
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(i + args.micro_batch >= len(records))
         with autocast(device):
             if train_policy:
                 logp = logprobs_entropy(policy, b["ids"], args.temperature, False)[0]
                 pl, clipped = policy_loss(logp, b["old"], b["adv"], m, args.clip_low,
                                           args.clip_high, args.dual_clip)
                 kl = k3_kl(logp, b["ref"], m).sum()
-                loss = pl.sum() + args.kl_coef * kl
+                loss = (pl * b["tis"]).sum() + args.kl_coef * kl
                 (loss * scale).backward()
                 acc["loss"] += loss.item() / n_tokens
                 acc["clipped"] += clipped.sum().item() / n_tokens
@@ -1559,7 +1626,7 @@ def reduce_floats(values, device, op=None):
 def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     """Score, advantages, PPO epochs over mini-batches -> training statistics (global)."""
     score(records, policy, critic, ref, args, device)
-    add_advantages(records, args)
+    add_advantages(records, args, device)
     train_policy = args.algo == "grpo" or step >= args.critic_warmup  # critic warm-up: critic only
     per = len(records) // args.mini_batches
     keys = ("loss", "clipped", "approx_kl", "ref_kl", "value_loss", "grad_norm", "critic_grad_norm")
@@ -1584,8 +1651,9 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     return {k: v / updates for k, v in out.items() if k not in drop}
 
 
-def rollout_metrics(records, device):
-    """The paper's analysis figures over this step's rollouts, all ranks together."""
+def rollout_metrics(records, device, counts=None, tis_cap=0.0):
+    """The paper's analysis figures over this step's rollouts, all ranks together, with the TIS
+    weights' mean, max and capped fraction and the tool cache's hit rate."""
     s = [r["stats"] for r in records]
     per_traj = [sum(x[k] for x in s) for k in ("reward", "length", "code", "calls", "code_lines", "calls_ok",
                                                 "first_call")]
@@ -1597,11 +1665,17 @@ def rollout_metrics(records, device):
     diff = max([((r["old"] - r["eng"]).abs() * r["mask"]).max().item() for r in records] or [0.0])
     diff = reduce_floats([diff], device, dist.ReduceOp.MAX)[0]
     var_ret, var_err = r2 / toks - (r1 / toks) ** 2, e2 / toks - (e1 / toks) ** 2
+    counts = counts or {"calls": 0, "hits": 0}
+    capped = sum(((r["tis"] >= tis_cap) * r["mask"]).sum().item() for r in records) if tis_cap > 0 else 0.0
+    w_sum, capped, calls_run, hits = reduce_floats(
+        [sum(r["tis"].sum().item() for r in records), capped, counts["calls"], counts["hits"]], device)
+    w_max = reduce_floats([max([r["tis"].max().item() for r in records] or [0.0])], device, dist.ReduceOp.MAX)[0]
     return dict(reward=rew / n, accuracy=acc / n, response_len=length / n, code_ratio=code / n,
                 tool_calls=calls / n, code_lines=lines / n, code_pass=ok / calls if calls else 0.0,
                 first_call=first / code if code else 0.0, entropy=ent / toks,
                 explained_var=1 - var_err / var_ret if var_ret > 1e-6 else 0.0,  # 0: constant returns
-                logprob_diff=diff)
+                logprob_diff=diff, tis_mean=w_sum / toks, tis_max=w_max, tis_capped=capped / toks,
+                tool_cache_hits=hits / calls_run if calls_run else 0.0)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1613,7 +1687,13 @@ def rl_args(argv):
     p.add_argument("--data", help="RL prompts, .jsonl/.json/.parquet, DAPO-Math-17k or problem/answer rows")
     p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/")
     p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo")
-    p.add_argument("--no-std", action="store_true", help="GRPO without the std division (Dr. GRPO)")
+    p.add_argument("--no-std", action="store_true", help="GRPO without the division by the group's "
+                   "population std (Dr. GRPO)")
+    p.add_argument("--no-whiten", action="store_true", help="PPO without whitening the advantages")
+    p.add_argument("--no-tool-cache", action="store_true", help="run every call, even a code already run "
+                   "this step (a snippet that draws random numbers then draws afresh in each rollout)")
+    p.add_argument("--tis-cap", type=float, help="truncated importance sampling: weight each sampled token "
+                   "by min(exp(trainer - engine log-prob), cap); 0: off (default: 2.0 on CUDA, 0 on CPU)")
     p.add_argument("--no-tools", action="store_true", help="text-only baseline: text prompt, no interpreter")
     for flag, kind, dest in (("steps", int, "steps"), ("prompts", int, "prompts"), ("rollouts", int, "n"),
                              ("max-new-tokens", int, "max_new_tokens"), ("lr", float, "lr"),
@@ -1638,12 +1718,14 @@ def rl_args(argv):
         raise UsageError(f"{a.model}: no SFT checkpoint; run `python retool.py --stage sft` first"
                          if a.model == os.path.join("out", "sft") else f"--model {a.model}: no config.json")
     a.preset = a.preset or default_preset(a.model)
+    if a.tis_cap is None:  # CPU: the engine and the trainer run the same fp32 kernels
+        a.tis_cap = 2.0 if torch.cuda.is_available() else 0.0
     for k, v in RL_PRESETS[a.preset].items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     check_flags(a, {**dict.fromkeys(("steps", "prompts", "n", "max_new_tokens", "mini_batches", "micro_batch",
                                       "ppo_epochs", "lr", "critic_lr", "temperature", "grad_clip", "value_clip",
                                       "save_every", "train_problems"), POSITIVE),
-                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high"), NON_NEGATIVE),
+                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high", "tis_cap"), NON_NEGATIVE),
                     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "dual_clip": (lambda v: v > 1, "above 1")}, flags={"n": "rollouts"})
     check_paths(a)
@@ -1699,13 +1781,13 @@ def _rl_run(a):
     sandbox = contextlib.nullcontext() if a.no_tools else Sandbox()  # one for the whole run
     with sandbox as sb:
         for step in range(start, a.steps):
-            timer, t0 = {"sandbox": 0.0}, time.perf_counter()
+            timer, counts, t0 = {"sandbox": 0.0}, {"calls": 0, "hits": 0}, time.perf_counter()
             with full_weights(policy):
                 records = rollout(policy, tok, step_jobs(problems, a, step, rank, world), a,
-                                  timed(sb.run_many, timer) if sb else None, step)
+                                  timed(sb.run_many, timer) if sb else None, step, counts)
             t1 = time.perf_counter()
             metrics = rl_step(step, records, policy, critic, ref, opt, copt, a, device)
-            metrics.update(rollout_metrics(records, device))
+            metrics.update(rollout_metrics(records, device, counts, a.tis_cap))
             if critic is None:
                 metrics.pop("explained_var")
             metrics.update(time_gen=t1 - t0, time_sandbox=timer["sandbox"], time_train=time.perf_counter() - t1)

@@ -283,3 +283,77 @@ def test_chunked_logprobs_match_the_whole():
     # BLAS chooses per CPU model (equal on some x86-64 machines, off by float32 rounding on others)
     assert torch.allclose(old_lp, whole_lp, rtol=1e-5, atol=1e-5)
     assert torch.allclose(old_ent, whole_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_whitening_equals_a_brute_force_masked_reference():
+    g = torch.Generator().manual_seed(3)
+    adv, mask = torch.randn(4, 9, generator=g) * 3 + 1, (torch.rand(4, 9, generator=g) > 0.3).float()
+    picked = [adv[b, t].item() for b in range(4) for t in range(9) if mask[b, t]]
+    mean = sum(picked) / len(picked)
+    var = sum((x - mean) ** 2 for x in picked) / (len(picked) - 1)  # unbiased, as verl
+    want = torch.tensor([[(adv[b, t].item() - mean) / math.sqrt(var + 1e-8) if mask[b, t] else 0.0
+                          for t in range(9)] for b in range(4)])
+    got = retool.whiten(adv, mask, torch.device("cpu"))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.all(got[mask == 0] == 0)
+
+
+def test_a_runaway_log_ratio_gives_a_finite_loss_and_gradient():
+    logp = torch.tensor([[100.0, -1.0]], requires_grad=True)
+    loss, _ = retool.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+
+
+def test_tis_weights_by_hand_and_masked_tokens_unweighted():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    eng = torch.tensor([[-1.5, -1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = retool.tis_weights(old, eng, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(0.5), math.exp(-1.0), 2.0, 0.0]]))
+    assert torch.equal(retool.tis_weights(old, eng, mask, cap=0.0), mask)  # off: every sampled token 1
+    assert torch.equal(retool.tis_weights(old, old, mask, cap=2.0), mask)  # engine == trainer: exactly 1
+
+
+def test_engine_equal_to_trainer_leaves_the_loss_unchanged(ckpt, tok):
+    losses = []
+    for cap in ("0", "2"):
+        a = rl_args(["--model", ckpt, "--tis-cap", cap] + small())
+        policy = retool.load_model(ckpt)[0]
+        records = fake_records([1, -1, 1, -1], len(tok))
+        score(records, policy, None, None, a, torch.device("cpu"))
+        for r in records:
+            r["eng"] = r["old"].clone()
+            r["tis"] = retool.tis_weights(r["old"], r["eng"], r["mask"], a.tis_cap)
+        a.algo = "grpo"
+        add_advantages(records, a)
+        n = sum(r["mask"].sum().item() for r in records)
+        losses.append(minibatch_backward(records, policy, None, a, torch.device("cpu"), n)["loss"])
+    assert losses[0] == losses[1]
+
+
+def test_rl_reward_ignores_a_boxed_answer_only_the_interpreter_printed(tok):
+    model = tok.encode('<code>\n```python\nprint(chr(92) + "boxed{" + str(3 + 4) + "}")\n```\n</code>',
+                      add_special_tokens=False)
+    tool = tok.encode("<interpreter>\n\\boxed{7}\n</interpreter>", add_special_tokens=False)
+    traj = retool.Trajectory(prompt_ids=[1, 2], response_ids=model + tool, loss_mask=[1] * len(model) + [0] * len(tool),
+                             logprobs=[0.0] * (len(model) + len(tool)))
+    traj.text = retool.decode(tok, traj.response_ids)
+    assert retool.reward(traj.text, "7") == 1.0  # eval's view: the whole response
+    assert retool.to_record(traj, "7", tok)["stats"]["reward"] == -1.0
+
+
+def test_tool_cache_runs_identical_codes_once_with_the_same_results():
+    codes = ["print(6 * 7)", "print(1 + 1)", "print(6 * 7)", "print(6 * 7)", "print('<a & b>')", "print(1 + 1)"]
+    seen = []
+
+    def counting(batch):
+        seen.extend(batch)
+        return sb.run_many(batch)
+    with Sandbox() as sb:
+        plain = [r.feedback for r in sb.run_many(codes)]
+        counts = {"calls": 0, "hits": 0}
+        tool = retool.cached(counting, counts)
+        got = [r.feedback for r in tool(codes[:3])] + [r.feedback for r in tool(codes[3:])]
+    assert sorted(seen) == sorted(set(codes)) and got == plain
+    assert counts == {"calls": 6, "hits": 3}
