@@ -1669,7 +1669,8 @@ def rollout_metrics(records, device, counts=None, tis_cap=0.0):
     capped = sum(((r["tis"] >= tis_cap) * r["mask"]).sum().item() for r in records) if tis_cap > 0 else 0.0
     w_sum, capped, calls_run, hits = reduce_floats(
         [sum(r["tis"].sum().item() for r in records), capped, counts["calls"], counts["hits"]], device)
-    w_max = reduce_floats([max([r["tis"].max().item() for r in records] or [0.0])], device, dist.ReduceOp.MAX)[0]
+    w_max = max([r["tis"].max().item() for r in records] or [0.0])
+    w_max = reduce_floats([w_max], device, dist.ReduceOp.MAX)[0]
     return dict(reward=rew / n, accuracy=acc / n, response_len=length / n, code_ratio=code / n,
                 tool_calls=calls / n, code_lines=lines / n, code_pass=ok / calls if calls else 0.0,
                 first_call=first / code if code else 0.0, entropy=ent / toks,
@@ -1725,7 +1726,8 @@ def rl_args(argv):
     check_flags(a, {**dict.fromkeys(("steps", "prompts", "n", "max_new_tokens", "mini_batches", "micro_batch",
                                       "ppo_epochs", "lr", "critic_lr", "temperature", "grad_clip", "value_clip",
                                       "save_every", "train_problems"), POSITIVE),
-                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high", "tis_cap"), NON_NEGATIVE),
+                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high", "tis_cap"),
+                                    NON_NEGATIVE),
                     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "dual_clip": (lambda v: v > 1, "above 1")}, flags={"n": "rollouts"})
     check_paths(a)
