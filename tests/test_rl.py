@@ -231,7 +231,9 @@ def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
             if not k.startswith("time_"):
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # whitening's global mean and variance sum in another order on 2 ranks (last-bit differences),
+    # which Adam's first step (about lr * sign(g)) lifts to ~2e-5 on near-zero gradients
+    assert all(torch.allclose(a[k], b[k], atol=5e-5) for k in a)
 
 
 @pytest.mark.parametrize("argv, needle", [
