@@ -6,15 +6,13 @@ statistics of the paper's analysis; writes results.json, results.md and samples.
     python eval.py                                   # newest of out/rl, out/sft on the built-in test set
     python eval.py --model DIR --data AIME24.jsonl --k 32 --temperature 1.0 --top-p 0.7
     python eval.py --compare out/sft out/rl --data AIME24.jsonl --k 8
-    python eval.py --plot out/rl/metrics.jsonl       # training curves -> metrics.png
+    python eval.py --plot out/rl                     # training curves -> out/rl/metrics.png
 """
-import argparse
 import contextlib
 import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from data import extract_answer, is_equiv  # re-exported: eval.py is where users find the grader
@@ -24,7 +22,12 @@ from data import extract_answer, is_equiv  # re-exported: eval.py is where users
 
 DEFAULT_MODELS = ("out/rl", "out/sft")  # `python eval.py` takes the newest of these
 BUILTIN_TEST_SIZE = 200
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+PAPER_K = 32  # the paper's protocol: 32 samples per problem at temperature 1.0, top-p 0.7
+# --plot: a panel per quantity, each logged name drawn under its own name (SFT's, then RL's)
+PLOT_PANELS = (("loss", ("loss", "heldout_loss")), ("reward", ("reward",)), ("accuracy", ("accuracy",)),
+               ("code ratio", ("code_ratio",)), ("response length", ("response_len", "response_length")),
+               ("code pass rate", ("code_pass", "code_pass_rate")), ("entropy", ("entropy",)),
+               ("KL", ("approx_kl", "ref_kl")), ("clip fraction", ("clip_frac",)))
 # Columns of the report table: (results key, header, is a fraction shown as a percentage)
 COLUMNS = [("avg@k", "avg@k (pass@1)", True), ("pass@k", "pass@k", True), ("maj@k", "maj@k", True),
            ("code_ratio", "code ratio", True), ("calls_per_response", "calls/resp", False),
@@ -33,11 +36,6 @@ COLUMNS = [("avg@k", "avg@k (pass@1)", True), ("pass@k", "pass@k", True), ("maj@
 
 class EvalError(Exception):
     """A user mistake (bad path or flag): one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 (in main), instead of argparse's usage block
-        raise EvalError(message)
 
 
 # -----------------------------------------------------------------------------
@@ -123,10 +121,10 @@ def markdown_table(rows: list) -> str:
 # evaluation
 
 def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.7, tools=True,
-             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True, template=None):
-    """Sample k responses per problem (one sandbox shared by all of them) and grade them.
-    template: a --prompt-template (data.load_template), with the official interpreter format.
-    -> (compute_metrics(...) dict, list of trajectories)."""
+             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True, template=None, name="eval"):
+    """Sample k responses per problem (one sandbox shared by all of them) and grade them; the progress
+    bar, labelled `name`, moves as each sample finishes. template: a --prompt-template
+    (data.load_template), with the official interpreter format. -> (compute_metrics(...) dict, trajectories)."""
     from tqdm import tqdm
 
     from data import render_prompt
@@ -134,35 +132,31 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
     from sandbox import Sandbox
 
     prompts = [render_prompt(tokenizer, p.problem, tools, template) for p in problems for _ in range(k)]
-    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]  # per prompt: chunking never changes a sample
-    # generate batches continuously within a call; calls of 4 x max_batch prompts let the bar move
-    chunk = 4 * max_batch
-    trajectories = []
-    with tqdm(total=len(prompts), desc="eval", unit="sample", disable=not progress) as bar, \
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]  # per prompt: batching never changes a sample
+    with tqdm(total=len(prompts), desc=name, unit="sample", disable=not progress) as bar, \
             (Sandbox() if tools else contextlib.nullcontext()) as sb:
-        for s in range(0, len(prompts), chunk):
-            trajectories += generate(model, tokenizer, prompts[s:s + chunk], max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, seed=seeds[s:s + chunk],
-                                     tool=sb.run_many if sb else None, max_tool_calls=max_tool_calls,
-                                     max_batch=max_batch, official=template is not None)
-            bar.update(len(prompts[s:s + chunk]))
+        trajectories = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seeds, tool=sb.run_many if sb else None,
+                                max_tool_calls=max_tool_calls, max_batch=max_batch, official=template is not None,
+                                on_finish=lambda i: bar.update())
     return compute_metrics(trajectories, [p.answer for p in problems]), trajectories
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = None
+def _write_atomic(path: Path, write):
+    """write(tmp) writes the file aside, then it is renamed into place; open() gives the temp file the
+    usual umask permissions (mkstemp's would be 0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # a full disk or a path that changed under us: one line, no temp file left
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise EvalError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
+    from retool import MODEL_FILES
+
     found = [(max(f.stat().st_mtime for f in map(Path(d).joinpath, MODEL_FILES) if f.is_file()), d)
              for d in candidates if any(Path(d, f).is_file() for f in MODEL_FILES)]
     if not found:
@@ -171,25 +165,17 @@ def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
     return Path(max(found)[1])
 
 
-def check_model_dir(path: Path, flag):
-    """Before anything is evaluated, so a typo in the last --compare folder fails in seconds.
-    flag: the flag that gave the path (None for the default checkpoint)."""
-    where = f"{flag} {path}" if flag else str(path)
-    if not path.is_dir():
-        raise EvalError(f"{where}: {'not a directory' if path.exists() else 'no such directory'}")
-    if not (path / "config.json").is_file():
-        raise EvalError(f"{where}: not a checkpoint directory (no config.json)")
-    if not any((path / f).is_file() for f in MODEL_FILES):
-        raise EvalError(f"{where}: no {' or '.join(MODEL_FILES)}")
+def out_where(path: Path, out_flag) -> str:
+    """How a message names an output path. out_flag: what --out was given (None: the default place)."""
+    if out_flag is None:
+        return str(path)
+    return f"--out {out_flag}" if Path(out_flag) == path else f"--out {out_flag}: {path}"
 
 
 def check_out(path: Path, out_flag, want_dir=True):
-    """Before anything is evaluated: an output path that exists must be of the right kind.
-    out_flag: what --out was given (None: the default place), for the message."""
+    """Before anything is evaluated: an output path that exists must be of the right kind."""
     if path.exists() and path.is_dir() != want_dir:
-        where = "" if out_flag is None else f"--out {out_flag}: "
-        where += "" if out_flag is not None and Path(out_flag) == path else f"{path}: "
-        raise EvalError(where + ("not a directory" if want_dir else "is a directory"))
+        raise EvalError(f"{out_where(path, out_flag)}: {'not a directory' if want_dir else 'is a directory'}")
 
 
 def out_paths(args, models: list, data_name: str):
@@ -205,13 +191,13 @@ def out_paths(args, models: list, data_name: str):
 def load_problems(args):
     """-> (problems, the data's name in output paths)."""
     from data import builtin_problems, load_eval
+    from retool import check_input_file
 
     if not args.data:
         problems, data_name = builtin_problems("test", BUILTIN_TEST_SIZE), "builtin-test"
     else:
         path = Path(args.data)
-        if path.is_dir():
-            raise EvalError(f"--data {path}: a directory, not a file")
+        check_input_file("--data", path)
         try:
             problems, data_name = load_eval(path), path.stem
         except OSError as e:  # unreadable (permissions, a FIFO gone away): data.py only checks is_file
@@ -242,28 +228,37 @@ def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
     res, trajs = evaluate(model, tokenizer, problems, k=args.k, temperature=args.temperature,
                           top_p=args.top_p, tools=not args.no_tools, max_new_tokens=args.max_new_tokens,
                           max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch,
-                          template=args.template)
+                          template=args.template, name=out_names([model_dir])[0])
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # check_out passed, but the disk can still change during a long evaluation
+    except OSError as e:  # checked before, but the disk can still change during a long evaluation
         raise EvalError(f"{out}: cannot create ({e.strerror or e})") from None
     settings = {k: getattr(args, k)
                 for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls", "seed", "prompt_template")}
     results = {"model": str(model_dir), "data": data_name, "tools": not args.no_tools, **settings,
                "metrics": res["metrics"], "per_problem": [
                    dict(problem=p.problem, **r) for p, r in zip(problems, res["per_problem"])]}
-    _write_atomic(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    _write_atomic(out / "results.md", markdown_table([(str(model_dir), results)]) + "\n")
-    _write_atomic(out / "samples.jsonl", "".join(json.dumps(
-        {"problem": i // args.k, "sample": i % args.k, "answer": extract_answer(t.text), "correct": c,
+    samples = "".join(json.dumps(
+        {"index": i // args.k, "sample": i % args.k, "problem": problems[i // args.k].problem,
+         "gold": problems[i // args.k].answer, "answer": extract_answer(t.text), "correct": c,
          "finish_reason": t.finish_reason, "tool_calls": len(t.tool_calls), "text": t.text},
-        ensure_ascii=False) + "\n" for i, (t, c) in enumerate(zip(trajs, res["correct"]))))
+        ensure_ascii=False) + "\n" for i, (t, c) in enumerate(zip(trajs, res["correct"])))
+    for name, text in (("results.json", json.dumps(results, indent=1, ensure_ascii=False)),
+                       ("results.md", markdown_table([(str(model_dir), results)])), ("samples.jsonl", samples)):
+        _write_atomic(out / name, lambda tmp: tmp.write_text(text.rstrip("\n") + "\n"))
     results["out"] = str(out)
     return results
 
 
-def plot(metrics_path: Path) -> Path:
-    """Training curves from a metrics.jsonl (one JSON object per step) -> a PNG beside it."""
+def plot_panels(rows: list) -> list:
+    """-> [(panel title, [the names of it that were logged])] for the quantities present in rows."""
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PLOT_PANELS]
+    return [(title, keys) for title, keys in panels if keys]
+
+
+def plot(path: Path) -> Path:
+    """Training curves from a run folder's metrics.jsonl (or that file) -> metrics.png beside it."""
+    metrics_path = path / "metrics.jsonl" if path.is_dir() else path
     if not metrics_path.is_file():
         raise EvalError(f"--plot {metrics_path}: no such file")
     try:  # a binary file gets replacement characters, so it fails below as "not a JSON object"
@@ -278,14 +273,9 @@ def plot(metrics_path: Path) -> Path:
             rows.append(None)
         if not isinstance(rows[-1], dict):
             raise EvalError(f"{metrics_path}:{n}: not a JSON object")
-    # each panel: the first key present (the RL logger's names, then common alternatives)
-    panels = [("reward / accuracy", ("reward", "accuracy", "acc")), ("code ratio", ("code_ratio",)),
-              ("response length", ("response_len", "response_length")),
-              ("code pass rate", ("code_pass", "code_pass_rate"))]
-    found = [(title, next((key for key in keys if any(key in r for r in rows)), None))
-             for title, keys in panels]
-    if not any(key for _, key in found):
-        raise EvalError(f"{metrics_path}: no reward/code_ratio/response_length/code_pass_rate columns")
+    panels = plot_panels(rows)
+    if not panels:
+        raise EvalError(f"{metrics_path}: none of {', '.join(k for _, keys in PLOT_PANELS for k in keys)} logged")
     try:  # after the file is checked, so a bad file is reported with or without matplotlib
         import matplotlib
     except ImportError:
@@ -293,21 +283,21 @@ def plot(metrics_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, (title, key) in zip(axes, found):
-        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
-               if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts))
-        ax.set_title(f"{title} ({key})" if key else f"{title} (not logged)")
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 3.5), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            ax.plot(*zip(*[(r.get("step", i), r[key]) for i, r in enumerate(rows)
+                           if isinstance(r.get(key), (int, float))]), label=key)
+        ax.set_title(title)
         ax.set_xlabel("step")
+        ax.legend()
     fig.tight_layout()
     png = metrics_path.with_suffix(".png")
-    fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    _write_atomic(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, png)
     return png
 
 
@@ -315,26 +305,32 @@ def plot(metrics_path: Path) -> Path:
 # CLI
 
 def parse_args(argv):
-    p = _Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    from retool import CliParser
+
+    p = CliParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory (default: the newest of out/rl, out/sft)")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="evaluate several checkpoints side by side")
     p.add_argument("--data", help="eval file (.jsonl/.json/.parquet; default: the built-in test set)")
-    p.add_argument("--k", type=int, help="samples per problem (default 32 with --data, 1 built-in)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--k", type=int, help=f"samples per problem (default {PAPER_K} with --data, the paper's "
+                   "protocol; 1 on the built-in test set)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the paper's)")
+    p.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling (the paper's)")
     p.add_argument("--no-tools", action="store_true", help="text-only reasoning, no interpreter")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--max-tool-calls", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per response, interpreter output included")
+    p.add_argument("--max-tool-calls", type=int, default=8, help="interpreter calls per response")
     p.add_argument("--limit", type=int, help="evaluate only the first N problems")
     p.add_argument("--batch", type=int, default=64, help="rows decoded at once")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples")
     p.add_argument("--prompt-template", metavar="FILE[:KEY]", help="user turn: this {query} template on the bare "
                    "problem (.txt, or .json like the official prompt_template.json), official interpreter format")
     p.add_argument("--out", help="output directory (default out/eval/<model>-<data>[-notools]; with "
                    "--compare: the folder holding those and compare-<data>[-notools].md)")
-    p.add_argument("--plot", metavar="METRICS_JSONL", help="draw training curves to a PNG and exit")
+    p.add_argument("--plot", metavar="RUN", help="draw a run folder's (or a metrics.jsonl's) training curves "
+                   "to metrics.png beside it and exit")
     args = p.parse_args(argv)
-    args.k = args.k if args.k is not None else (32 if args.data else 1)
+    args.k_why = f"--k {args.k}" if args.k is not None else \
+        f"k {PAPER_K}: the paper's protocol for --data; --k sets it" if args.data else "k 1 on the built-in test set"
+    args.k = args.k if args.k is not None else (PAPER_K if args.data else 1)
     for flag in ("k", "max_new_tokens", "batch", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -351,10 +347,25 @@ def parse_args(argv):
     return args
 
 
+def check_outputs(args, models, data_name):
+    """Every output path is checked, then created and probed for writing, before the first checkpoint is
+    evaluated (that can take hours). -> (an output directory per checkpoint, the comparison table or None)."""
+    from retool import check_out_dir
+
+    outs, compare_md = out_paths(args, models, data_name)
+    for out in ([Path(args.out)] if args.out else []) + outs:
+        check_out(out, args.out)
+    if compare_md:
+        check_out(compare_md, args.out, want_dir=False)
+    for out in outs + ([compare_md.parent] if compare_md else []):
+        check_out_dir(out, out_where(out, args.out))
+    return outs, compare_md
+
+
 def main(argv=None):
     from data import DataError
     from data import load_template
-    from retool import ModelError
+    from retool import ModelError, UsageError, check_model_dir
 
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -363,26 +374,24 @@ def main(argv=None):
             print(f"wrote {plot(Path(args.plot))}")
             return 0
         problems, data_name = load_problems(args)
-        # every path is checked before the first checkpoint is evaluated (that can take hours)
         flag = "--compare" if args.compare else "--model" if args.model else None
         models = args.compare or [args.model or str(newest_checkpoint())]
         for d in models:
-            check_model_dir(Path(d), flag)
-        outs, compare_md = out_paths(args, models, data_name)
-        for out in ([Path(args.out)] if args.out else []) + outs:
-            check_out(out, args.out)
-        if compare_md:
-            check_out(compare_md, args.out, want_dir=False)
+            check_model_dir(d, flag)
+        outs, compare_md = check_outputs(args, models, data_name)
+        print(f"eval.py: {len(problems)} problems x {args.k} samples = {len(problems) * args.k} samples per "
+              f"checkpoint ({args.k_why})", file=sys.stderr)
         rows = [(d, run_one(Path(d), args, problems, data_name, out)) for d, out in zip(models, outs)]
         table = markdown_table(rows)
         print(table)
         if compare_md:
-            _write_atomic(compare_md, table + "\n")
-    except (EvalError, DataError, ModelError) as e:
+            _write_atomic(compare_md, lambda tmp: tmp.write_text(table + "\n"))
+    except (EvalError, DataError, ModelError, UsageError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     for _, r in rows:
-        print(f"wrote {r['out']}/results.json")
+        print(f"wrote {r['out']}/: results.json (metrics, per-problem answers), results.md (the table), "
+              "samples.jsonl (every sample: problem, gold, answer, text)")
     if compare_md:
         print(f"wrote {compare_md}")
     return 0

@@ -79,6 +79,47 @@ class ModelError(Exception):
     """A checkpoint we cannot read: the message names the file or field (the CLI exits 2)."""
 
 
+HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim")  # the last two optional
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_hf_config(hf: dict, where: str):
+    """Everything from_hf relies on, each mistake a one-line ModelError naming the field
+    -> (rope settings without rope_theta, rope_theta, rope type)."""
+    kind = hf.get("model_type")
+    if kind not in ("qwen2", "qwen3", "llama"):
+        raise ModelError(f"{where}: unsupported model_type {kind!r} (supported: qwen2, qwen3, llama)")
+    missing = next((k for k in ("num_attention_heads", *HF_SIZES[:4]) if k not in hf), None)
+    if missing:
+        raise ModelError(f"{where}: missing field {missing!r}")
+    # transformers 5 writes rope_parameters; real 4.x checkpoints carry rope_theta/rope_scaling.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ModelError(f"{where}: rope_scaling / rope_parameters must be an object")
+    rope = dict(rope)
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ModelError(f"{where}: unsupported rope type {rope_type!r} (supported: default, llama3)")
+    for key, value in (("rope_theta", theta), ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+                       *((k, rope.get(k, 1)) for k in LLAMA3_ROPE[:3])):
+        if type(value) not in (int, float) or not 0 < value < math.inf:
+            raise ModelError(f"{where}: {key} must be a positive number, got {value!r}")
+    if type(hf.get("tie_word_embeddings", False)) is not bool:
+        raise ModelError(f"{where}: tie_word_embeddings must be true or false")
+    for key in HF_SIZES:
+        value = hf.get(key)
+        if value is not None and not (type(value) is int and value > 0):
+            raise ModelError(f"{where}: {key} must be a positive integer, got {value!r}")
+    heads = hf["num_attention_heads"]
+    if heads % hf.get("num_key_value_heads", heads):
+        raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
+    if rope_type == "llama3" and any(k not in rope for k in LLAMA3_ROPE):
+        raise ModelError(f"{where}: llama3 rope scaling needs {', '.join(LLAMA3_ROPE)}")
+    return rope, theta, rope_type
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -100,49 +141,19 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        kind = hf.get("model_type")
-        if kind not in ("qwen2", "qwen3", "llama"):
-            raise ModelError(f"{where}: unsupported model_type {kind!r} (supported: qwen2, qwen3, llama)")
-        try:
-            heads = hf["num_attention_heads"]
-            # transformers 5 writes rope_parameters; real 4.x checkpoints carry rope_theta/rope_scaling.
-            rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-            if not isinstance(rope, dict):
-                raise ModelError(f"{where}: rope_scaling / rope_parameters must be an object")
-            rope = dict(rope)
-            theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", "llama3"):
-                raise ModelError(f"{where}: unsupported rope type {rope_type!r} (supported: default, llama3)")
-            for key, value in (("rope_theta", theta), ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
-                               *((k, rope.get(k, 1)) for k in ("factor", "low_freq_factor", "high_freq_factor"))):
-                if type(value) not in (int, float) or not 0 < value < math.inf:
-                    raise ModelError(f"{where}: {key} must be a positive number, got {value!r}")
-            if type(hf.get("tie_word_embeddings", False)) is not bool:
-                raise ModelError(f"{where}: tie_word_embeddings must be true or false")
-            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim"):
-                value = hf.get(key) if key in ("num_key_value_heads", "head_dim") else hf[key]  # those two optional
-                if value is not None and not (type(value) is int and value > 0):
-                    raise ModelError(f"{where}: {key} must be a positive integer, got {value!r}")
-            if heads % hf.get("num_key_value_heads", heads):
-                raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
-            need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            if rope_type == "llama3" and any(k not in rope for k in need):
-                raise ModelError(f"{where}: llama3 rope scaling needs {', '.join(need)}")
-            return cls(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads", heads),
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                rope_scaling=rope if rope_type == "llama3" else None,
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                attention_bias=True if kind == "qwen2" else hf.get("attention_bias", False),
-                o_proj_bias=kind != "qwen2" and hf.get("attention_bias", False),
-                mlp_bias=hf.get("mlp_bias", False), qk_norm=kind == "qwen3", hf=dict(hf))
-        except KeyError as e:
-            raise ModelError(f"{where}: missing field {e.args[0]!r}") from None
+        rope, theta, rope_type = check_hf_config(hf, where)
+        kind, heads = hf["model_type"], hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=True if kind == "qwen2" else hf.get("attention_bias", False),
+            o_proj_bias=kind != "qwen2" and hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False), qk_norm=kind == "qwen3", hf=dict(hf))
 
 
 def rope_inv_freq(c: ModelConfig) -> torch.Tensor:
@@ -379,16 +390,44 @@ def read_json(path: Path, what: str = "a JSON object") -> dict:
     return value
 
 
-def load_model(path, device=None, dtype=None):
-    """A local HF checkpoint directory -> (model, tokenizer), without a transformers model."""
-    from safetensors import safe_open
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # fast, BPE (+ merges.txt), sentencepiece
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # or "chat_template" in tokenizer_config.json
 
+
+def tokenizer_problem(path: Path) -> str | None:
+    """What a folder lacks to give a usable tokenizer (AutoTokenizer would quietly build one of a single
+    id from a folder without its files), or None. Every prompt goes through the chat template."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return f"no tokenizer ({' or '.join(TOKENIZER_FILES)})"
+    tok_cfg = path / "tokenizer_config.json"
+    if not any((path / f).is_file() for f in CHAT_TEMPLATE_FILES) and not (
+            tok_cfg.is_file() and "chat_template" in read_json(tok_cfg)):
+        return f"the tokenizer has no chat template ({' or '.join(CHAT_TEMPLATE_FILES)}, or tokenizer_config.json's)"
+    return None
+
+
+def check_model_dir(path, flag=None):
+    """Before any work: a checkpoint folder with config.json, weights, a tokenizer and its chat template,
+    or a one-line ModelError naming the folder (and the flag that gave it)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json (not a model directory)")
-    config = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
-    index = path / "model.safetensors.index.json"
+    if not path.is_dir():
+        problem = "not a directory" if path.exists() else "no such directory"
+    elif not (path / "config.json").is_file():
+        problem = "not a checkpoint directory (no config.json)"
+    elif not any((path / f).is_file() for f in MODEL_FILES):
+        problem = f"no {' or '.join(MODEL_FILES)}"
+    else:
+        problem = tokenizer_problem(path)
+    if problem:
+        raise ModelError(f"{flag + ' ' if flag else ''}{path}: {problem}")
+
+
+def read_weights(path: Path, model, device, dtype) -> dict:
+    """The safetensors files of an HF folder -> our state dict (HF's q/k/v and gate/up stacked)."""
+    from safetensors import safe_open
+
+    index, config = path / "model.safetensors.index.json", model.config
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -398,10 +437,6 @@ def load_model(path, device=None, dtype=None):
         files = ["model.safetensors"]
     else:
         raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    with torch.device("meta"):
-        model = Transformer(config)
     tensors = {}
     for f in files:
         if not (path / f).is_file():
@@ -424,20 +459,41 @@ def load_model(path, device=None, dtype=None):
                 raise ModelError(f"{path}: weight {key!r} has shape {tuple(tensors[key].shape)}, config says {want}")
         t = torch.cat([tensors[key] for key, _ in parts]) if len(parts) > 1 else tensors[parts[0][0]]
         state[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)
+    return state
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    problem = tokenizer_problem(path)
+    if problem:
+        raise ModelError(f"{path}: {problem}")
     # A tokenizer saved as a plain tokenizer.json (the built-in one) must load as exactly that:
     # AutoTokenizer would follow config.json's model_type and swap in Qwen2's pre-tokenizer.
     tok_cfg = path / "tokenizer_config.json"
     plain = tok_cfg.is_file() and read_json(tok_cfg).get("tokenizer_class") in (
         "TokenizersBackend", "PreTrainedTokenizerFast")
     try:
-        tokenizer = (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(str(path))
+        return (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001  tokenizers' own errors on a corrupt tokenizer.json
         raise ModelError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-    return model, tokenizer
+
+
+def load_model(path, device=None, dtype=None):
+    """A local HF checkpoint directory -> (model, tokenizer), without a transformers model."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (not a model directory)")
+    config = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(read_weights(path, model, device, dtype), assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model, load_tokenizer(path)
 
 
 def remove_model(path):
@@ -476,7 +532,10 @@ def save_model(model: Transformer, tokenizer, path, state_dict: dict | None = No
         tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         remove_model(path)  # an old shard index would outrank the new single file
+        mask = os.umask(0o22)  # reading the umask means setting it: set it straight back
+        os.umask(mask)
         for f in sorted(os.listdir(tmp), key=lambda f: f == "config.json"):
+            os.chmod(tmp / f, 0o666 & ~mask)  # safetensors writes 0600: a colleague could not load the model
             os.replace(tmp / f, path / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -654,7 +713,8 @@ def run_tool(tool, codes):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=(), official=False):
+             tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=(), official=False,
+             on_finish=None):
     """Sample a response for every prompt (strings or token-id lists) -> list[Trajectory].
 
     At most max_batch rows decode at once; a finished row frees its slot for the next prompt. With a
@@ -663,7 +723,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     its interpreter block fed into its cache as one chunk. seed: an int, or one per
     prompt (rollouts that must not depend on how prompts are split across ranks). official: the
     official ReTool interpreter block (data.interpreter_block). Ids past len(tokenizer) (a padded
-    head's rows) are never sampled."""
+    head's rows) are never sampled. on_finish(i) is called as prompt i's row finishes (a progress bar)."""
     prompts = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
     if not prompts:
         return []
@@ -701,6 +761,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         row.pop()
         cache.lens[last] = 0
         pending.pop(i, None)
+        if on_finish is not None:
+            on_finish(i)
 
     def after_token(i, token, logprob):
         t = results[i]
@@ -1012,9 +1074,10 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, extra=None, keep=2):
+def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, extra=None, keep=2, args=None):
     """Writes out_dir/checkpoints/step_NNNNNNN/: model/ (HF format), train_state.pt (optimizer,
-    scheduler, step, `extra`: any picklable dict such as the data position), rng_rank{r}.pt.
+    scheduler, step, `extra`: any picklable dict such as the data position), rng_rank{r}.pt, and
+    args.json (the run's flags, for --resume) when args is given.
     Collective under FSDP (call on every rank). Built in a temp dir, then renamed; only the last
     `keep` checkpoints stay. Returns the path."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only
@@ -1029,6 +1092,8 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
         torch.save({"step": step, "optimizer": optim_sd, "extra": extra or {},
                     "scheduler": scheduler.state_dict() if scheduler else None},
                    os.path.join(tmp, "train_state.pt"))
+        if args is not None:
+            Path(tmp, ARGS_FILE).write_text(json.dumps(args, indent=1) + "\n")
     barrier()
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{global_rank()}.pt"))
     barrier()
@@ -1057,7 +1122,7 @@ def save_final(out_dir, model, tokenizer, stage):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if global_rank() == 0:
         save_model(model, tokenizer, out_dir, state_dict=state)
-        print(f"{stage}: saved {out_dir}", file=sys.stderr)
+        print(f"{stage}: saved the model in {out_dir} (beside metrics.jsonl and checkpoints/)", file=sys.stderr)
     barrier()
 
 
@@ -1128,13 +1193,28 @@ class UsageError(Exception):
     """A user mistake (flag, path): reported as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows a flag's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS \
+                or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+class CliParser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=DefaultsHelp, **kwargs)
+
     def error(self, message):  # one line and exit 2, instead of usage + message
         raise UsageError(message)
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), \
     (lambda v: 0 <= v <= 1, "in [0, 1]")
+ARGS_FILE = "args.json"  # a checkpoint's run flags, which --resume takes back
+NOT_RESUMED = ("out", "resume", "stop_after")  # where the run is, and how far this invocation goes
 
 
 def check_flags(a, rules, flags=None):
@@ -1153,24 +1233,54 @@ def add_stage_flags(p):
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward instead of keeping its activations (default: on "
                         "in the real preset)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, "
+                   "with the run's flags (a flag given again must not change the run)")
     p.add_argument("--prompt-template", metavar="FILE[:KEY]", help="user turn: this {query} template on the bare "
                    "problem (.txt, or .json like the official prompt_template.json), official interpreter format")
 
 
+def stage_args(p, argv):
+    """argparse, except that with --resume a flag not on the command line takes the value the run was
+    started with (its checkpoint's args.json): `--resume --out DIR` alone goes on."""
+    defaults, unset = vars(p.parse_args([])), object()
+    a = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))  # unset: not given
+    ckpt = latest_checkpoint(defaults["out"] if a.out is unset else a.out) if a.resume is True else None
+    saved = read_json(Path(ckpt, ARGS_FILE)) if ckpt and os.path.isfile(os.path.join(ckpt, ARGS_FILE)) else {}
+    for k, v in vars(a).items():
+        if v is unset:
+            setattr(a, k, saved[k] if k in saved and k not in NOT_RESUMED else defaults[k])
+    return a
+
+
+def check_input_file(flag, path):
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+
+
+def check_out_dir(path, where):
+    """Creates output folder path and writes a probe file there, so that an unwritable one fails
+    before any work. where: how the message names it (the flag and the path)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{where}: not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UsageError(f"{where}: cannot write ({e.strerror or e})") from None
+
+
 def check_paths(a):
     a.template = load_template(a.prompt_template) if a.prompt_template else None
-    if a.data is not None and not os.path.isfile(a.data):
-        raise UsageError(f"--data {a.data}: no such file")
-    if os.path.exists(a.out) and not os.path.isdir(a.out):
-        raise UsageError(f"--out {a.out}: not a directory")
+    if a.data is not None:
+        check_input_file("--data", a.data)
+    check_out_dir(a.out, f"--out {a.out}")
     if a.resume and latest_checkpoint(a.out) is None:
         raise UsageError(f"--resume: no checkpoint under {os.path.join(a.out, 'checkpoints')}")
 
 
 def sft_args(argv):
-    p = _Parser(prog="retool.py --stage sft", description="Cold-start SFT on code-interleaved traces. "
-                "Without --model: the tiny preset on built-in traces, on CPU, in minutes.")
+    p = CliParser(prog="retool.py --stage sft", description="Cold-start SFT on code-interleaved traces. "
+                  "Without --model: the tiny preset on built-in traces, on CPU, in minutes.")
     for flag, kind, default, text in (
         ("model", str, None, "HF checkpoint dir to fine-tune (default: a fresh tiny model)"),
         ("data", str, None, "SFT rows, .jsonl/.json/.parquet (default: built-in traces)"),
@@ -1179,9 +1289,11 @@ def sft_args(argv):
         ("code-share", float, TINY_TRAIN["code_share"], "share of built-in traces that use code"),
         ("steps", int, None, f"optimizer steps (default: --epochs; tiny preset {TINY_TRAIN['steps']})"),
         ("epochs", float, None, f"passes over the data (default {REAL_TRAIN['epochs']})"),
-        ("batch", int, None, "packed rows per optimizer step, all ranks together"),
+        ("batch", int, None, f"packed rows per optimizer step, all ranks together (default: tiny preset "
+                             f"{TINY_TRAIN['batch']}, real {REAL_TRAIN['batch']})"),
         ("micro-batch", int, None, "rows per forward on each rank (default: --batch / ranks)"),
-        ("pack-len", int, None, "tokens per packed row"),
+        ("pack-len", int, None, f"tokens per packed row (default: tiny preset {TINY_TRAIN['pack_len']}, "
+                                f"real {REAL_TRAIN['pack_len']})"),
         ("lr", float, None, f"peak lr (default {REAL_TRAIN['lr']}; tiny preset {TINY_TRAIN['lr']})"),
         ("min-lr-ratio", float, 0.1, "final lr / peak lr (cosine)"),
         ("warmup", float, 0.1, "share of the steps spent warming up"),
@@ -1191,12 +1303,12 @@ def sft_args(argv):
         ("eval-every", int, 100, "steps between held-out losses"),
         ("save-every", int, 500, "steps between checkpoints"),
         ("stop-after", int, None, "stop after this many steps of this run, checkpointed (--resume goes on)"),
-        ("seed", int, 0, "")):
+        ("seed", int, 0, "seed of the data, the initial weights and the batches")):
         p.add_argument("--" + flag, type=kind, default=default, help=text)
     add_stage_flags(p)
-    a = p.parse_args(argv)
-    if a.model is not None and not os.path.isfile(os.path.join(a.model, "config.json")):
-        raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
+    a = stage_args(p, argv)
+    if a.model is not None:
+        check_model_dir(a.model, "--model")
     a.preset = a.preset or default_preset(a.model)
     for k, v in (TINY_TRAIN if a.preset == "tiny" else REAL_TRAIN).items():
         if getattr(a, k, 0) is None and not (k == "steps" and a.epochs):
@@ -1209,14 +1321,31 @@ def sft_args(argv):
     return a
 
 
-def run_stage(run, parse, argv):
-    """A stage's exit code: 2 with one line on a user mistake. The caller (a test) gets its torch thread
-    count back (a stage lowers it on CPU) and no process group is left behind."""
+def interrupted(stage, out):
+    """What Ctrl-C leaves: the steps done (metrics.jsonl's last line) against the latest checkpoint."""
+    metrics, ckpt = Path(out, "metrics.jsonl"), latest_checkpoint(out)
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    done = json.loads(lines[-1])["step"] if lines else 0
+    if ckpt is None:
+        return f"{stage}: interrupted after step {done}, before the first checkpoint: there is nothing to resume"
+    at = int(ckpt.rsplit("_", 1)[1])
+    return f"{stage}: interrupted after step {done}; --resume continues from step {at} ({done - at} steps lost)"
+
+
+def run_stage(stage, run, parse, argv):
+    """A stage's exit code: 2 with one line on a user mistake, 130 on Ctrl-C. The caller (a test) gets
+    its torch thread count back (a stage lowers it on CPU) and no process group is left behind."""
     threads = torch.get_num_threads()
     try:
-        return run(parse(argv))
+        a = parse(argv)
+        try:
+            return run(a)
+        except KeyboardInterrupt:  # the progress bar is closed by now: the message gets its own line
+            if global_rank() == 0:
+                print(interrupted(stage, a.out), file=sys.stderr)
+            return 130
     except (UsageError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"retool.py: error: {e}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
@@ -1226,7 +1355,33 @@ def run_stage(run, parse, argv):
 
 def sft_main(argv):
     """`retool.py --stage sft ...` -> exit code."""
-    return run_stage(_sft_run, sft_args, argv)
+    return run_stage("sft", _sft_run, sft_args, argv)
+
+
+def sft_documents(a, tok):
+    """The run's documents, tokenized and shuffled -> (packed train rows, packed held-out rows or None,
+    a line describing them)."""
+    traces = load_sft(a.data) if a.data else builtin_sft_traces(a.n_traces, seed=a.seed, code_share=a.code_share)
+    docs = [tokenize_trace(tok, m, template=a.template) for m in traces]
+    random.Random(a.seed).shuffle(docs)
+    held, train = docs[:min(a.heldout, len(docs) // 10)], docs[min(a.heldout, len(docs) // 10):]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = pack_documents(train, a.pack_len, pad)
+    cut = sum(len(d[0]) > a.pack_len for d in docs)
+    about = f"{len(train)} documents in {len(rows['input_ids'])} rows of {a.pack_len} tokens ({cut} cut), " \
+            f"{len(held)} held out"
+    return rows, pack_documents(held, a.pack_len, pad) if held else None, about
+
+
+def resume_sft(a, model, opt, sched, n_rows, steps) -> int:
+    """Restores the latest checkpoint in --out -> its step; refuses one of another data set or length."""
+    ckpt = latest_checkpoint(a.out)
+    state = load_checkpoint(ckpt, model, opt, sched)
+    if state["extra"].get("n_rows") != n_rows:
+        raise UsageError(f"--resume: {ckpt} was trained on other data ({state['extra'].get('n_rows')} rows)")
+    if state["extra"].get("steps", steps) != steps:  # the lr schedule spans the run's steps
+        raise UsageError(f"--resume: {ckpt} is from a run of {state['extra']['steps']} steps, not {steps}")
+    return state["step"]
 
 
 def _sft_run(a):
@@ -1245,61 +1400,43 @@ def _sft_run(a):
         tok = builtin_tokenizer()
         model = build_model({**TINY_CONFIG, "vocab_size": len(tok)}, a.seed)
     model.activation_checkpointing = a.activation_checkpointing
-    traces = load_sft(a.data) if a.data else builtin_sft_traces(a.n_traces, seed=a.seed, code_share=a.code_share)
-    docs = [tokenize_trace(tok, m, template=a.template) for m in traces]
-    random.Random(a.seed).shuffle(docs)
-    held, train = docs[:min(a.heldout, len(docs) // 10)], docs[min(a.heldout, len(docs) // 10):]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    rows = pack_documents(train, a.pack_len, pad)
-    held_rows = pack_documents(held, a.pack_len, pad) if held else None
+    rows, held_rows, about = sft_documents(a, tok)
     n_rows = len(rows["input_ids"])
     steps = a.steps or math.ceil(a.epochs * n_rows / a.batch)
-    cut = sum(len(d[0]) > a.pack_len for d in docs)
     if rank == 0:
-        print(f"sft: {len(train)} documents in {n_rows} rows of {a.pack_len} tokens ({cut} cut), "
-              f"{len(held)} held out, {steps} steps of {a.batch} rows, {world} rank(s) on {device}",
-              file=sys.stderr)
+        print(f"sft: {about}, {steps} steps of {a.batch} rows, {world} rank(s) on {device}", file=sys.stderr)
 
     model = shard_model(model, device)
     model.train()
     opt = make_optimizer(model, a.lr, a.weight_decay)
     sched = make_scheduler(opt, warmup=round(a.warmup * steps), total=steps, min_ratio=a.min_lr_ratio)
-    start = 0
-    if a.resume:
-        ckpt = latest_checkpoint(a.out)
-        state = load_checkpoint(ckpt, model, opt, sched)
-        if state["extra"].get("n_rows") != n_rows:
-            raise UsageError(f"--resume: {ckpt} was trained on other data ({state['extra'].get('n_rows')} rows)")
-        if state["extra"].get("steps", steps) != steps:  # the lr schedule spans the run's steps
-            raise UsageError(f"--resume: {ckpt} is from a run of {state['extra']['steps']} steps, not {steps}")
-        start = state["step"]
-    elif rank == 0:
+    start = resume_sft(a, model, opt, sched, n_rows, steps) if a.resume else 0
+    if rank == 0 and not a.resume:
         fresh_run(a.out)
     log = MetricsLog(a.out, enabled=rank == 0, start=start)
     stop = min(steps, start + a.stop_after) if a.stop_after else steps
     share = a.batch // world
-    bar = tqdm(total=steps, initial=start, desc="sft", disable=rank != 0, dynamic_ncols=True)
-    for step in range(start, stop):
-        t0 = time.perf_counter()
-        idx = batch_indices(n_rows, a.batch, step, a.seed)
-        mine = idx[rank * share:(rank + 1) * share]
-        micro_batches = [{k: v[mine[i:i + micro]] for k, v in rows.items()} for i in range(0, share, micro)]
-        n_targets = max(1, int(rows["loss_mask"][idx].sum()))
-        lr = opt.param_groups[0]["lr"]
-        loss, gnorm = sft_step(model, opt, sched, micro_batches, n_targets, device, a.clip)
-        if not math.isfinite(loss):  # the same global value on every rank: all stop together
-            raise UsageError(f"step {step + 1}: the loss is {loss}, training diverged (lower --lr?)")
-        tps = int((rows["document_ids"][idx] >= 0).sum()) / (time.perf_counter() - t0)
-        metrics = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tps)}
-        if held_rows is not None and ((step + 1) % a.eval_every == 0 or step + 1 == steps):
-            metrics["heldout_loss"] = heldout_loss(model, held_rows, micro, device)
-        log.log(step + 1, **metrics)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
-        bar.update()
-        if (step + 1) % a.save_every == 0 or (step + 1 == stop < steps):
-            save_checkpoint(a.out, step + 1, model, opt, tok, sched,
-                            extra={"rows_seen": (step + 1) * a.batch, "n_rows": n_rows, "steps": steps})
-    bar.close()
+    with tqdm(total=steps, initial=start, desc="sft", disable=rank != 0, dynamic_ncols=True) as bar:
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            idx = batch_indices(n_rows, a.batch, step, a.seed)
+            mine = idx[rank * share:(rank + 1) * share]
+            micro_batches = [{k: v[mine[i:i + micro]] for k, v in rows.items()} for i in range(0, share, micro)]
+            n_targets = max(1, int(rows["loss_mask"][idx].sum()))
+            lr = opt.param_groups[0]["lr"]
+            loss, gnorm = sft_step(model, opt, sched, micro_batches, n_targets, device, a.clip)
+            if not math.isfinite(loss):  # the same global value on every rank: all stop together
+                raise UsageError(f"step {step + 1}: the loss is {loss}, training diverged (lower --lr?)")
+            tps = int((rows["document_ids"][idx] >= 0).sum()) / (time.perf_counter() - t0)
+            metrics = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tps)}
+            if held_rows is not None and ((step + 1) % a.eval_every == 0 or step + 1 == steps):
+                metrics["heldout_loss"] = heldout_loss(model, held_rows, micro, device)
+            log.log(step + 1, **metrics)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+            bar.update()
+            if (step + 1) % a.save_every == 0 or (step + 1 == stop < steps):
+                save_checkpoint(a.out, step + 1, model, opt, tok, sched, args=vars(a),
+                                extra={"rows_seen": (step + 1) * a.batch, "n_rows": n_rows, "steps": steps})
     log.close()
     if stop == steps:
         save_final(a.out, model, tok, "sft")
@@ -1682,12 +1819,12 @@ def rollout_metrics(records, device, counts=None, tis_cap=0.0):
 # ----------------------------------------------------------------------------- CLI
 
 def rl_args(argv):
-    p = _Parser(prog="retool.py --stage rl", description="RL with interleaved code execution, from the "
-                "built-in SFT model (out/sft) or --model. --data: DAPO-Math-17k-shaped prompts.")
+    p = CliParser(prog="retool.py --stage rl", description="RL with interleaved code execution, from the "
+                  "built-in SFT model (out/sft) or --model. --data: DAPO-Math-17k-shaped prompts.")
     p.add_argument("--model", help="starting checkpoint, HF dir (default out/sft, the built-in SFT model)")
     p.add_argument("--data", help="RL prompts, .jsonl/.json/.parquet, DAPO-Math-17k or problem/answer rows")
     p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/")
-    p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo")
+    p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo", help="PPO with a critic, or GRPO")
     p.add_argument("--no-std", action="store_true", help="GRPO without the division by the group's "
                    "population std (Dr. GRPO)")
     p.add_argument("--no-whiten", action="store_true", help="PPO without whitening the advantages")
@@ -1712,12 +1849,12 @@ def rl_args(argv):
             ("train-problems", 4000, "built-in RL prompts"), ("save-every", 10, "steps between checkpoints")):
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
     add_stage_flags(p)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts' order and the rollouts")
+    a = stage_args(p, argv)
     a.model = a.model or os.path.join("out", "sft")
-    if not os.path.isfile(os.path.join(a.model, "config.json")):
-        raise UsageError(f"{a.model}: no SFT checkpoint; run `python retool.py --stage sft` first"
-                         if a.model == os.path.join("out", "sft") else f"--model {a.model}: no config.json")
+    if a.model == os.path.join("out", "sft") and not os.path.isfile(os.path.join(a.model, "config.json")):
+        raise UsageError(f"{a.model}: no SFT checkpoint; run `python retool.py --stage sft` first")
+    check_model_dir(a.model, "--model")
     a.preset = a.preset or default_preset(a.model)
     if a.tis_cap is None:  # CPU: the engine and the trainer run the same fp32 kernels
         a.tis_cap = 2.0 if torch.cuda.is_available() else 0.0
@@ -1736,7 +1873,34 @@ def rl_args(argv):
 
 def rl_main(argv):
     """`retool.py --stage rl ...` -> exit code."""
-    return run_stage(_rl_run, rl_args, argv)
+    return run_stage("rl", _rl_run, rl_args, argv)
+
+
+def resume_rl(a, policy, opt, critic, copt, run) -> int:
+    """Restores the latest checkpoint in --out (the critic travels in the policy checkpoint's train
+    state) -> its step; refuses one of another run (`run`: what must not change)."""
+    ckpt = latest_checkpoint(a.out)
+    state = load_checkpoint(ckpt, policy, opt)
+    was = state["extra"].get("run", run)
+    change = next((k for k in run if was.get(k) != run[k]), None)
+    if change:
+        raise UsageError(f"--resume: {ckpt} is from a run with {change} {was.get(change)}, not {run[change]}")
+    if critic is not None:
+        if "critic" not in state["extra"]:
+            raise UsageError(f"--resume: {ckpt} holds no critic (a GRPO run?); resume with --algo grpo")
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(critic, state["extra"]["critic"], options=full)
+        set_optimizer_state_dict(critic, copt, state["extra"]["critic_opt"], options=full)
+    return state["step"]
+
+
+def save_rl_checkpoint(a, step, policy, opt, critic, copt, tok, run):
+    extra = {"run": run}
+    if critic is not None:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        extra.update(critic=get_model_state_dict(critic, options=opts),
+                     critic_opt=get_optimizer_state_dict(critic, copt, options=opts))
+    save_checkpoint(a.out, step, policy, opt, tok, extra=extra, args=vars(a))
 
 
 def _rl_run(a):
@@ -1757,32 +1921,25 @@ def _rl_run(a):
     policy = shard_model(policy, device)
     opt = make_optimizer(policy, a.lr, weight_decay=0.0)
     copt = make_optimizer(critic, a.critic_lr, weight_decay=0.0) if critic is not None else None
-    start, run = 0, {"algo": a.algo, "prompts": a.prompts, "rollouts": a.n, "problems": len(problems)}
-    if a.resume:
-        ckpt = latest_checkpoint(a.out)
-        state = load_checkpoint(ckpt, policy, opt)
-        start, was = state["step"], state["extra"].get("run", run)
-        change = next((k for k in run if was.get(k) != run[k]), None)
-        if change:
-            raise UsageError(f"--resume: {ckpt} is from a run with {change} {was.get(change)}, not {run[change]}")
-        if critic is not None:  # the critic travels in the policy checkpoint's train state
-            if "critic" not in state["extra"]:
-                raise UsageError(f"--resume: {ckpt} holds no critic (a GRPO run?); resume with --algo grpo")
-            full = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(critic, state["extra"]["critic"], options=full)
-            set_optimizer_state_dict(critic, copt, state["extra"]["critic_opt"], options=full)
-            if start <= a.critic_warmup:
-                opt.state.clear()  # still warming up: the policy's optimizer has not stepped
-    elif rank == 0:
+    run = {"algo": a.algo, "prompts": a.prompts, "rollouts": a.n, "problems": len(problems)}
+    start = resume_rl(a, policy, opt, critic, copt, run) if a.resume else 0
+    if rank == 0 and not a.resume:
         fresh_run(a.out)
     if rank == 0:
         print(f"rl: {a.algo}{' text-only' if a.no_tools else ''} from {a.model}, {len(problems)} prompts, "
               f"{a.steps} steps of {a.prompts} x {a.n} rollouts, {world} rank(s) on {device}", file=sys.stderr)
+        if a.algo == "ppo" and a.steps <= a.critic_warmup:
+            print(f"rl: note: --steps {a.steps} <= --critic-warmup {a.critic_warmup}: only the critic trains, "
+                  "the policy will not change", file=sys.stderr)
     log = MetricsLog(a.out, enabled=rank == 0, start=start)
-    bar = tqdm(total=a.steps, initial=start, desc="rl", disable=rank != 0, dynamic_ncols=True)
     sandbox = contextlib.nullcontext() if a.no_tools else Sandbox()  # one for the whole run
-    with sandbox as sb:
+    with sandbox as sb, tqdm(total=a.steps, initial=start, desc="rl", disable=rank != 0, dynamic_ncols=True) as bar:
         for step in range(start, a.steps):
+            if a.algo == "ppo" and step <= a.critic_warmup:
+                # The policy's AdamW has not stepped yet (critic warm-up), but saving or restoring a
+                # checkpoint gives it a zero step of state: drop that, so Adam starts fresh as it does
+                # in an uninterrupted run.
+                opt.state.clear()
             timer, counts, t0 = {"sandbox": 0.0}, {"calls": 0, "hits": 0}, time.perf_counter()
             with full_weights(policy):
                 records = rollout(policy, tok, step_jobs(problems, a, step, rank, world), a,
@@ -1801,15 +1958,7 @@ def _rl_run(a):
                                                              "response_len") if k in metrics})
             bar.update()
             if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-                extra = {"run": run}
-                if critic is not None:
-                    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                    extra.update(critic=get_model_state_dict(critic, options=opts),
-                             critic_opt=get_optimizer_state_dict(critic, copt, options=opts))
-                save_checkpoint(a.out, step + 1, policy, opt, tok, extra=extra)
-                if a.algo == "ppo" and step + 1 <= a.critic_warmup:
-                    opt.state.clear()  # saving gave the unused optimizer a zero step; Adam must start fresh
-    bar.close()
+                save_rl_checkpoint(a, step + 1, policy, opt, critic, copt, tok, run)
     log.close()
     save_final(a.out, policy, tok, "rl")
     return 0
@@ -1820,23 +1969,21 @@ def _rl_run(a):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    stage = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--stage"), None)
-    stage = stage or next((a.split("=", 1)[1] for a in argv if a.startswith("--stage=")), None)
-    if stage is None and any(a in ("-h", "--help") for a in argv):
+    top = CliParser(prog="retool.py", add_help=False, allow_abbrev=False)  # the stage's parser reads the rest
+    top.add_argument("--stage", choices=("sft", "rl"))
+    top.add_argument("-h", "--help", action="store_true")
+    try:
+        a, rest = top.parse_known_args(sys.argv[1:] if argv is None else argv)
+    except UsageError:  # --stage without a value, or another stage
+        a = None
+    if a is not None and a.stage is None and a.help:
         print("usage: python retool.py --stage {sft,rl} [flags]  (`--stage sft --help`, `--stage rl --help`: "
               "the flags)\n" + __doc__.strip())
         return 0
-    if stage not in ("sft", "rl"):
-        print("error: --stage must be sft or rl (python retool.py --stage sft --help)", file=sys.stderr)
+    if a is None or a.stage is None:
+        print("retool.py: error: --stage must be sft or rl (python retool.py --stage sft --help)", file=sys.stderr)
         return 2
-    rest = [a for i, a in enumerate(argv) if a != "--stage" and not a.startswith("--stage=")
-            and not (i and argv[i - 1] == "--stage")]
-    try:
-        return (sft_main if stage == "sft" else rl_main)(rest)
-    except KeyboardInterrupt:
-        print(f"{stage}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
-        return 130
+    return (sft_main if a.stage == "sft" else rl_main)(rest + ["--help"] * a.help)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,8 @@ def test_preset_follows_the_model_size_unless_named(ckpt, tmp_path):
     (big / "config.json").write_text(json.dumps({
         "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
         "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2}))
+    builtin_tokenizer().save_pretrained(big)  # a whole checkpoint folder but for the weights' bytes
+    (big / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     assert [retool.default_preset(p) for p in (None, ckpt, big)] == ["tiny", "tiny", "real"]
     assert rl_args(["--model", ckpt]).lr == retool.RL_PRESETS["tiny"]["lr"]
     assert rl_args(["--model", str(big)]).max_new_tokens == retool.RL_PRESETS["real"]["max_new_tokens"]

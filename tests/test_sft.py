@@ -170,7 +170,7 @@ def test_two_gloo_ranks_match_one_process_through_a_resume(ckpt, tmp_path):
                               "2", str(script), *args, *extra], env=env, capture_output=True, text=True,
                              timeout=120)
         assert two.returncode == 0, two.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "step_0000002")) == [
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "step_0000002")) == ["args.json",
         "model", "rng_rank0.pt", "rng_rank1.pt", "train_state.pt"]
     assert sft_main(run_args(ckpt, tmp_path / "one", "--steps", "4", "--micro-batch", "2")) == 0
     one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
