@@ -85,8 +85,7 @@ LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 
 
 def check_hf_config(hf: dict, where: str):
-    """Everything from_hf relies on, each mistake a one-line ModelError naming the field
-    -> (rope settings without rope_theta, rope_theta, rope type)."""
+    """What from_hf relies on, each mistake a one-line ModelError -> (rope settings, rope_theta, rope type)."""
     kind = hf.get("model_type")
     if kind not in ("qwen2", "qwen3", "llama"):
         raise ModelError(f"{where}: unsupported model_type {kind!r} (supported: qwen2, qwen3, llama)")
@@ -1194,13 +1193,9 @@ class UsageError(Exception):
 
 
 class DefaultsHelp(argparse.HelpFormatter):
-    """--help shows a flag's default, unless it has none or its help already says it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS \
-                or "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
+    def _get_help_string(self, action):  # a flag's default, unless it has none or its help says it already
+        shown = action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
+        return action.help + " (default: %(default)s)" if shown and "default" not in action.help else action.help
 
 
 class CliParser(argparse.ArgumentParser):
@@ -1289,11 +1284,9 @@ def sft_args(argv):
         ("code-share", float, TINY_TRAIN["code_share"], "share of built-in traces that use code"),
         ("steps", int, None, f"optimizer steps (default: --epochs; tiny preset {TINY_TRAIN['steps']})"),
         ("epochs", float, None, f"passes over the data (default {REAL_TRAIN['epochs']})"),
-        ("batch", int, None, f"packed rows per optimizer step, all ranks together (default: tiny preset "
-                             f"{TINY_TRAIN['batch']}, real {REAL_TRAIN['batch']})"),
+        ("batch", int, None, f"packed rows per step, all ranks (default {REAL_TRAIN['batch']}; tiny {TINY_TRAIN['batch']})"),
         ("micro-batch", int, None, "rows per forward on each rank (default: --batch / ranks)"),
-        ("pack-len", int, None, f"tokens per packed row (default: tiny preset {TINY_TRAIN['pack_len']}, "
-                                f"real {REAL_TRAIN['pack_len']})"),
+        ("pack-len", int, None, f"tokens per packed row (default {REAL_TRAIN['pack_len']}; tiny {TINY_TRAIN['pack_len']})"),
         ("lr", float, None, f"peak lr (default {REAL_TRAIN['lr']}; tiny preset {TINY_TRAIN['lr']})"),
         ("min-lr-ratio", float, 0.1, "final lr / peak lr (cosine)"),
         ("warmup", float, 0.1, "share of the steps spent warming up"),
