@@ -59,7 +59,7 @@ def test_1_a_run_that_trains_nothing_says_so_up_front(ckpt, tmp_path):
     assert last_line(err) == "rl: saved the model in rl (beside metrics.jsonl and checkpoints/)"
 
 
-def test_2_a_folder_without_tokenizer_or_chat_template_is_one_line_in_every_command(ckpt, tmp_path):
+def test_2_a_folder_without_tokenizer_or_chat_template_is_one_line_in_every_command(ckpt, tmp_path, capsys):
     bare, plain = tmp_path / "bare", tmp_path / "plain"
     shutil.copytree(ckpt, bare)
     shutil.copytree(ckpt, plain)
@@ -67,24 +67,23 @@ def test_2_a_folder_without_tokenizer_or_chat_template_is_one_line_in_every_comm
         (bare / f).unlink()
     (plain / "chat_template.jinja").unlink()
     no_tok = f"{bare}: no tokenizer (tokenizer.json or vocab.json or tokenizer.model)"
-    results = cli(("retool.py", "--stage", "sft", "--model", bare), ("retool.py", "--stage", "rl", "--model", bare),
-                  ("eval.py", "--model", bare), ("eval.py", "--model", plain), cwd=tmp_path)
-    for (rc, _, err), want in zip(results, [f"retool.py: error: --model {no_tok}"] * 2 + [
-            f"eval.py: error: --model {no_tok}",
-            f"eval.py: error: --model {plain}: the tokenizer has no chat template (chat_template.jinja or "
-            "chat_template.json, or tokenizer_config.json's)"]):
-        assert (rc, err) == (2, want + "\n")
+    sft, evl = cli(("retool.py", "--stage", "sft", "--model", bare), ("eval.py", "--model", bare), cwd=tmp_path)
+    assert sft == (2, "", f"retool.py: error: --model {no_tok}\n")
+    assert evl == (2, "", f"eval.py: error: --model {no_tok}\n")
+    assert retool.main(["--stage", "rl", "--model", str(plain), "--out", str(tmp_path / "rl")]) == 2
+    assert capsys.readouterr().err == (f"retool.py: error: --model {plain}: the tokenizer has no chat template "
+                                       "(chat_template.jinja or chat_template.json, or tokenizer_config.json's)\n")
     with pytest.raises(retool.ModelError, match="no tokenizer"):  # never a tokenizer of one id
         retool.load_model(bare)
 
 
-def test_3_an_unwritable_out_fails_before_any_work(ckpt, tmp_path):
+def test_3_an_unwritable_out_fails_before_any_work(ckpt, tmp_path, capsys):
     Path(tmp_path, "afile").write_text("")
-    sft, rl, evl = cli(("retool.py", "--stage", "sft", "--out", "afile/sft"),
-                       ("retool.py", "--stage", "rl", "--model", ckpt, "--out", "afile/rl"),
-                       ("eval.py", "--model", ckpt, "--out", "afile/eval"), cwd=tmp_path)
+    sft, evl = cli(("retool.py", "--stage", "sft", "--out", "afile/sft"),
+                   ("eval.py", "--model", ckpt, "--out", "afile/eval"), cwd=tmp_path)
     assert sft == (2, "", "retool.py: error: --out afile/sft: cannot write (Not a directory)\n")
-    assert rl == (2, "", "retool.py: error: --out afile/rl: cannot write (Not a directory)\n")
+    assert retool.main(["--stage", "rl", "--model", str(ckpt), "--out", str(tmp_path / "afile/rl")]) == 2
+    assert capsys.readouterr().err.endswith("afile/rl: cannot write (Not a directory)\n")
     assert evl == (2, "", "eval.py: error: --out afile/eval: cannot write (Not a directory)\n")  # nothing evaluated
 
 
@@ -131,7 +130,7 @@ def test_5_ctrl_c_says_where_resume_goes_on_its_own_line(ckpt, tmp_path):
         f"\nsft: interrupted after step {done}; --resume continues from step {at} ({done - at} steps lost)\n")
 
 
-def test_6_resume_takes_the_runs_flags_from_its_checkpoint(ckpt, tmp_path):
+def test_6_resume_takes_the_runs_flags_from_its_checkpoint(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert retool.sft_main(["--model", str(ckpt), "--out", str(out), *SFT, "--steps", "4", "--stop-after", "2"]) == 0
     saved = json.loads((out / "checkpoints/step_0000002/args.json").read_text())
@@ -139,8 +138,8 @@ def test_6_resume_takes_the_runs_flags_from_its_checkpoint(ckpt, tmp_path):
     (rc, _, err), = cli(("retool.py", "--stage", "sft", "--resume", "--out", "run"), cwd=tmp_path)
     assert rc == 0 and last_line(err) == "sft: saved the model in run (beside metrics.jsonl and checkpoints/)"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    (rc, _, err), = cli(("retool.py", "--stage", "sft", "--resume", "--out", "run", "--steps", "6"), cwd=tmp_path)
-    assert rc == 2 and last_line(err).endswith("is from a run of 4 steps, not 6")  # a flag given anew
+    assert retool.main(["--stage", "sft", "--resume", "--out", str(out), "--steps", "6"]) == 2  # a flag given anew
+    assert capsys.readouterr().err.endswith("is from a run of 4 steps, not 6\n")
 
 
 def test_7_and_9_eval_says_what_it_draws_and_writes_self_describing_outputs(ckpt, tmp_path):
@@ -169,7 +168,7 @@ def test_7_the_progress_callback_comes_as_each_sample_finishes(ckpt):
     assert lengths == sorted(lengths) and len(set(lengths)) > 1
 
 
-def test_8_plot_draws_each_logged_name_and_takes_a_run_folder(tmp_path):
+def test_8_plot_draws_each_logged_name_and_takes_a_run_folder(tmp_path, capsys):
     sft = [{"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 2, "loss": 1.5, "heldout_loss": 1.7}]
     rl = [{"step": 1, "reward": -0.8, "accuracy": 0.1, "entropy": 0.3, "approx_kl": 1e-3, "ref_kl": 0.0,
            "clip_frac": 0.01, "code_ratio": 0.5}]
@@ -187,8 +186,8 @@ def test_8_plot_draws_each_logged_name_and_takes_a_run_folder(tmp_path):
     except ImportError:
         assert (rc, err) == (2, "eval.py: error: --plot needs matplotlib: pip install matplotlib\n")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
-    (rc, _, err), = cli(("eval.py", "--plot", "run"), cwd=tmp_path)
-    assert (rc, err) == (2, "eval.py: error: run/metrics.jsonl:2: not a JSON object\n")
+    assert ev.main(["--plot", str(run)]) == 2
+    assert capsys.readouterr().err == f"eval.py: error: {run}/metrics.jsonl:2: not a JSON object\n"
 
 
 def test_9_readme_explains_every_logged_metric(ckpt, tmp_path):
@@ -226,21 +225,28 @@ def test_10_pip_install_e_puts_the_modules_on_the_path_and_the_readme_snippet_pr
     assert (work / "out" / "mine" / "model.safetensors").is_file()
 
 
-def test_11_the_same_mistake_gets_the_same_words(ckpt, tmp_path):
+def test_11_the_same_mistake_gets_the_same_words(ckpt, tmp_path, monkeypatch, capsys):
     (tmp_path / "dir").mkdir()
-    sft, rl, evl, stage = cli(("retool.py", "--stage", "sft", "--data", "dir"), ("retool.py", "--stage", "rl",
-                              "--model", ckpt, "--data", "dir"), ("eval.py", "--data", "dir"),
-                              ("retool.py", "--stage", "dpo"), cwd=tmp_path)
-    assert sft == rl == (2, "", "retool.py: error: --data dir: a directory, not a file\n")
+    sft, evl = cli(("retool.py", "--stage", "sft", "--data", "dir"), ("eval.py", "--data", "dir"), cwd=tmp_path)
+    assert sft == (2, "", "retool.py: error: --data dir: a directory, not a file\n")
     assert evl == (2, "", "eval.py: error: --data dir: a directory, not a file\n")
-    assert stage == (2, "", "retool.py: error: --stage must be sft or rl (python retool.py --stage sft --help)\n")
+    monkeypatch.chdir(tmp_path)
+    assert retool.main(["--stage", "rl", "--model", str(ckpt), "--data", "dir"]) == 2
+    assert retool.main(["--stage", "dpo"]) == retool.main(["--stage"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["retool.py: error: --data dir: a directory, not a file"] + [
+        "retool.py: error: --stage must be sft or rl (python retool.py --stage sft --help)"] * 2
 
 
-def test_13_help_shows_the_defaults(tmp_path):
-    sft, rl, evl = cli(("retool.py", "--stage", "sft", "--help"), ("retool.py", "--help", "--stage=rl"),
-                       ("eval.py", "--help"), cwd=tmp_path)
-    assert sft[0] == rl[0] == evl[0] == 0
-    flat = [re.sub(r"\s+", " ", text) for _, text, _ in (sft, rl, evl)]
+def test_13_help_shows_the_defaults(tmp_path, capsys):
+    (rc, rl, _), = cli(("retool.py", "--help", "--stage=rl"), cwd=tmp_path)
+    texts = []
+    for main, argv in ((retool.main, ["--stage", "sft", "--help"]), (ev.main, ["--help"])):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        texts.append(capsys.readouterr().out)
+    assert rc == 0
+    flat = [re.sub(r"\s+", " ", text) for text in (texts[0], rl, texts[1])]
     for needle in ("--out OUT final model, metrics.jsonl, checkpoints/ (default: out/sft)",
                    "--save-every SAVE_EVERY steps between checkpoints (default: 500)",
                    "--n-traces N_TRACES built-in traces to generate (default: 20000)", "--batch BATCH packed rows"):
