@@ -314,7 +314,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if cache is not None:
-            position_ids, attend = cache.positions, cache.attend
+            position_ids, attend = cache.ctx.positions, cache.attend
         elif document_ids is not None:
             attend = lambda q, k, v, layer: packed_attention(q, k, v, document_ids)  # noqa: E731
         else:
@@ -545,10 +545,24 @@ def save_model(model: Transformer, tokenizer, path, state_dict: dict | None = No
 # </code>, runs its code, appends the interpreter's output into the cache and resumes.
 
 
+@dataclass
+class Context:
+    """What every layer of one engine forward shares, built once per step (nano-vllm's Context)."""
+    rows: torch.Tensor  # (R,) the slots fed
+    prefix: bool  # the slots are 0..R-1: the cache is sliced, not gathered
+    total: torch.Tensor  # (R,) each slot's length once this forward is written
+    positions: torch.Tensor  # (R, T) query positions, bottom-right aligned; padding at 0
+    width: int  # the longest slot after this forward: the keys SDPA reads
+    src: torch.Tensor | None  # (N,) the real tokens' places in the flattened chunk; None: all are real
+    slot: torch.Tensor  # (N,) where each real token's key goes: its slot ...
+    pos: torch.Tensor  # (N,) ... and position
+    mask: torch.Tensor | None  # (R, 1, T, L) SDPA's additive causal bias; None under flash-attn
+
+
 class KVCache:
     """Keys and values of every slot, per layer (B, S_max, H_kv, D) — flash-attn's layout — and the
     number of positions each slot has filled. A forward feeds R rows (slot indices `rows`) a
-    left-padded chunk (R, T) whose last n_new[r] tokens are real."""
+    left-padded chunk (R, T) whose last n_new[r] tokens are real; `prepare` builds its Context."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device, dtype):
         shape = (config.num_hidden_layers, slots, max_len, config.num_key_value_heads, config.head_dim)
@@ -557,53 +571,49 @@ class KVCache:
         self.lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.groups = config.num_attention_heads // config.num_key_value_heads
         self.steps = torch.arange(max_len, device=device)
+        self.ctx = None
 
     def prepare(self, rows: list, n_new: list):
-        """Set up a forward of a left-padded (R, T) chunk for slots `rows`, whose last n_new[r] tokens
-        are real; everything every layer shares is computed here once."""
+        """Build the Context of a forward of a left-padded (R, T) chunk for slots `rows`."""
         R, T, device = len(rows), max(n_new), self.lens.device
-        self.prefix = rows == list(range(R))  # rows 0..R-1: the cache is sliced, not gathered
-        self.rows = torch.tensor(rows, device=device)
-        self.total = (self.lens[:R] if self.prefix else self.lens[self.rows]) + torch.tensor(n_new, device=device)
-        # Query i sits at position total - T + i (bottom-right alignment); padding gets position 0
-        # so that its row is never fully masked.
-        self.positions = (self.total[:, None] - T + self.steps[:T]).clamp(min=0)  # (R, T)
-        self.width = int(self.total.max())
+        prefix = rows == list(range(R))
+        slots = torch.tensor(rows, device=device)
+        total = (self.lens[:R] if prefix else self.lens[slots]) + torch.tensor(n_new, device=device)
+        positions = (total[:, None] - T + self.steps[:T]).clamp(min=0)  # (R, T); padding never fully masked
         if min(n_new) == T:  # no padding: every chunk token is written
-            self.src, self.slot, self.pos = None, self.rows[:, None].expand(R, T).flatten(), self.positions.flatten()
+            src, slot, pos = None, slots[:, None].expand(R, T).flatten(), positions.flatten()
         else:
-            valid = (self.steps[:T] >= T - self.total.new_tensor(n_new)[:, None]).flatten()  # (R*T,)
-            self.src = valid.nonzero()[:, 0]
-            self.slot, self.pos = self.rows.repeat_interleave(T)[self.src], self.positions.flatten()[self.src]
-        self.flash = use_flash(self.k)  # the cache holds q's dtype: bf16 under CUDA autocast
-        if self.flash:
-            self.seqlens, self.batch_idx = self.total.int(), self.rows.int()
-            return
-        # SDPA: the bottom-right causal mask as an additive bias in the cache's dtype, (R, 1, T, L)
-        mask = self.steps[:self.width] <= self.positions[:, :, None]  # (R, T, L)
-        self.mask = torch.zeros(mask.shape, dtype=self.k.dtype, device=device).masked_fill_(~mask, float("-inf"))[:, None]
+            valid = (self.steps[:T] >= T - total.new_tensor(n_new)[:, None]).flatten()  # (R*T,)
+            src = valid.nonzero()[:, 0]
+            slot, pos = slots.repeat_interleave(T)[src], positions.flatten()[src]
+        width, mask = int(total.max()), None
+        if not use_flash(self.k):  # the cache holds q's dtype: bf16 under CUDA autocast
+            causal = self.steps[:width] <= positions[:, :, None]  # (R, T, L)
+            mask = torch.zeros(causal.shape, dtype=self.k.dtype, device=device).masked_fill_(~causal, float("-inf"))[:, None]
+        self.ctx = Context(slots, prefix, total, positions, width, src, slot, pos, mask)
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
         R, T, H, D = q.shape
+        ctx = self.ctx
         k, v = k.flatten(0, 1), v.flatten(0, 1)  # (R*T, H_kv, D)
-        if self.src is not None:
-            k, v = k[self.src], v[self.src]
-        self.k[layer].index_put_((self.slot, self.pos), k)
-        self.v[layer].index_put_((self.slot, self.pos), v)
-        if self.flash:
-            return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=self.seqlens,
-                                   cache_batch_idx=self.batch_idx, causal=True)
-        rows = slice(0, R) if self.prefix else self.rows  # a slice is a view; a gathered subset is a copy
-        kc, vc = self.k[layer, rows, :self.width], self.v[layer, rows, :self.width]  # (R, L, H_kv, D)
+        if ctx.src is not None:
+            k, v = k[ctx.src], v[ctx.src]
+        self.k[layer].index_put_((ctx.slot, ctx.pos), k)
+        self.v[layer].index_put_((ctx.slot, ctx.pos), v)
+        if ctx.mask is None:
+            return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=ctx.total.int(),
+                                   cache_batch_idx=ctx.rows.int(), causal=True)
+        rows = slice(0, R) if ctx.prefix else ctx.rows  # a slice is a view; a gathered subset is a copy
+        kc, vc = self.k[layer, rows, :ctx.width], self.v[layer, rows, :ctx.width]  # (R, L, H_kv, D)
         kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # (R, H_kv, L, D)
         if T == 1:  # decode: a kv head's G query heads become G queries of one head, so each key is read once
-            out = F.scaled_dot_product_attention(q.reshape(R, -1, self.groups, D), kc, vc, attn_mask=self.mask)
+            out = F.scaled_dot_product_attention(q.reshape(R, -1, self.groups, D), kc, vc, attn_mask=ctx.mask)
             return out.view(R, 1, H, D)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=self.mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=ctx.mask, enable_gqa=True)
         return out.transpose(1, 2)
 
     def commit(self):
-        self.lens[self.rows] = self.total
+        self.lens[self.ctx.rows] = self.ctx.total
 
     def move(self, src: int, dst: int):
         """Slot dst takes over slot src's cache (keeps occupied slots a prefix 0..R-1)."""
@@ -710,6 +720,148 @@ def run_tool(tool, codes):
         return [(f"{type(e).__name__}: {e}", "internal")] * len(codes)
 
 
+WAITING, FEEDING, PAUSED, TOOL, DONE = "waiting", "feeding", "paused", "tool", "done"
+
+
+@dataclass
+class RowState:
+    """One prompt's progress through the engine (nanochat's RowState). state is WAITING for a slot,
+    FEEDING (ids to feed next), PAUSED at </code> (code not sent yet), TOOL (code running), or DONE."""
+    traj: Trajectory
+    rng: random.Random
+    state: str = WAITING
+    feed: list = field(default_factory=list)  # the ids the row's next forward feeds
+
+
+@dataclass
+class Limits:
+    """What ends a row: sampled stop tokens and tails, its lengths, its tool calls."""
+    max_new_tokens: int
+    max_total_len: int
+    max_tool_calls: int
+    eos: set
+    tails: tuple  # stop strings, and "</code>" with a tool
+    may_end: set  # only a token containing a tail's last character can complete one
+    window: int  # tokens enough to hold the longest tail
+
+
+class Engine:
+    """Continuous batching over slots 0..len(slot_rows)-1 of one KVCache, with the tool interruption."""
+
+    def __init__(self, model, tokenizer, prompts, seeds, limits, sampling, tool, official, slots, on_finish=None):
+        param = next(model.parameters())
+        self.on_finish = on_finish  # called with a prompt's index as its row finishes (a progress bar)
+        self.model, self.tokenizer, self.limits, self.sampling, self.tool = model, tokenizer, limits, sampling, tool
+        self.official = official  # the official ReTool interpreter block (data.interpreter_block)
+        self.device, self.slots = param.device, slots
+        self.cuda = self.device.type == "cuda"  # rollouts in bf16 there (cache and matmuls), even for fp32 weights
+        dtype = torch.bfloat16 if self.cuda else param.dtype
+        self.cache = KVCache(model.config, slots, limits.max_total_len + 1, self.device, dtype)
+        self.rows = [RowState(Trajectory(prompt_ids=p), random.Random(s)) for p, s in zip(prompts, seeds)]
+        self.slot_rows = []  # slot -> row index; occupied slots are always 0..len-1
+        self.running = {}  # future -> the row indices whose code it runs
+        self.pool = ThreadPoolExecutor(max_workers=4) if tool else None
+
+    def run(self):
+        waiting = list(range(len(self.rows)))[::-1]  # a stack: pop() takes prompts in order
+        while waiting or self.slot_rows:
+            # 1. admit waiting prompts into free slots
+            while waiting and len(self.slot_rows) < self.slots:
+                i = waiting.pop()
+                self.slot_rows.append(i)
+                self.rows[i].state, self.rows[i].feed = FEEDING, self.rows[i].traj.prompt_ids
+            # 2. collect finished tool calls (waiting for one when no row can feed) and resume their rows
+            self.collect_tools(block=not any(self.rows[i].state == FEEDING for i in self.slot_rows))
+            # 3-4. chunks (prompts, interpreter output) and single-token decodes go in separate forwards
+            # so that one long prompt does not pad every decoding row to its length
+            ready = [i for i in self.slot_rows if self.rows[i].state == FEEDING]
+            chunks = [i for i in ready if len(self.rows[i].feed) > 1]
+            decodes = [i for i in ready if len(self.rows[i].feed) == 1]
+            for group in (chunks, decodes):
+                if group:
+                    self.forward(group)
+            # 5. send the newly paused rows' code, one batch per step: the sandbox runs it in parallel
+            paused = [i for i in chunks + decodes if self.rows[i].state == PAUSED]
+            if paused:
+                codes = [self.rows[i].traj.tool_calls[-1].code for i in paused]
+                self.running[self.pool.submit(run_tool, self.tool, codes)] = paused
+                for i in paused:
+                    self.rows[i].state = TOOL
+        return [r.traj for r in self.rows]
+
+    def collect_tools(self, block: bool):
+        done = [f for f in self.running if f.done()]
+        if self.running and block:
+            done = list(wait(self.running, return_when=FIRST_COMPLETED).done)
+        for f in done:
+            for i, (feedback, status) in zip(self.running.pop(f), f.result()):
+                t = self.rows[i].traj
+                t.tool_calls[-1].feedback, t.tool_calls[-1].status = feedback, status
+                keep, block_ids = close_code(self.tokenizer, t.response_ids, interpreter_block(feedback, self.official))
+                if not keep:
+                    del t.response_ids[-1], t.loss_mask[-1], t.logprobs[-1]
+                if len(t.response_ids) + len(block_ids) >= self.limits.max_new_tokens or \
+                        len(t.prompt_ids) + len(t.response_ids) + len(block_ids) >= self.limits.max_total_len:
+                    self.finish(i, "length")
+                    continue
+                # the row's last sampled token (</code>'s) was never fed: a kept one goes in front of the block
+                self.rows[i].state = FEEDING
+                self.rows[i].feed = ([t.response_ids[-1]] if keep else []) + block_ids
+                t.response_ids += block_ids
+                t.loss_mask += [0] * len(block_ids)
+                t.logprobs += [0.0] * len(block_ids)
+
+    def forward(self, indices):
+        chunks = [self.rows[i].feed for i in indices]
+        T = max(map(len, chunks))
+        ids = torch.tensor([[0] * (T - len(c)) + c for c in chunks], device=self.device)  # left-padded (R, T)
+        # inference_mode saves per-op bookkeeping; an FSDP module's first unshard in it would leave
+        # inference tensors behind that training cannot update, so sharded models get no_grad only
+        # (inference_mode(False) would turn grad mode back on).
+        with contextlib.nullcontext() if isinstance(self.model, FSDPModule) else torch.inference_mode():
+            self.cache.prepare([self.slot_rows.index(i) for i in indices], [len(c) for c in chunks])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+                logits = self.model(ids, cache=self.cache)[:, -1, :len(self.tokenizer)].float()  # (R, V): no padded ids
+            self.cache.commit()
+            uniforms = torch.tensor([self.rows[i].rng.random() for i in indices])
+            tokens, logps = sample(logits, *self.sampling, uniforms)
+        for i, tok, lp in zip(indices, tokens.tolist(), logps.tolist()):
+            self.after_token(i, tok, lp)
+
+    def after_token(self, i, token, logprob):
+        t, lim = self.rows[i].traj, self.limits
+        t.response_ids.append(token), t.loss_mask.append(1), t.logprobs.append(logprob)
+        if token in lim.eos:
+            return self.finish(i, "eos")
+        if len(t.response_ids) >= lim.max_new_tokens or len(t.prompt_ids) + len(t.response_ids) >= lim.max_total_len:
+            return self.finish(i, "length")
+        self.rows[i].feed = [token]
+        if token not in lim.may_end:
+            return
+        ids = t.response_ids[-lim.window:]
+        tail, before = decode(self.tokenizer, ids), decode(self.tokenizer, ids[:-1])
+        done = [s for s in lim.tails if tail.count(s) > before.count(s)]  # the newest token completed one
+        if not done:
+            return
+        if done[0] != "</code>":
+            return self.finish(i, "stop")
+        if len(t.tool_calls) >= lim.max_tool_calls:
+            return self.finish(i, "max_tool_calls")
+        t.tool_calls.append(ToolCall(extract_code(decode(self.tokenizer, t.response_ids)), "", ""))
+        self.rows[i].state = PAUSED  # the row sits out until its feedback arrives; its token is fed with it
+
+    def finish(self, i, reason):
+        self.rows[i].traj.finish_reason, self.rows[i].state, self.rows[i].feed = reason, DONE, []
+        slot, last = self.slot_rows.index(i), len(self.slot_rows) - 1
+        if slot != last:
+            self.cache.move(last, slot)
+            self.slot_rows[slot] = self.slot_rows[last]
+        self.slot_rows.pop()
+        self.cache.lens[last] = 0
+        if self.on_finish is not None:
+            self.on_finish(i)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=(), official=False,
@@ -730,114 +882,21 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         raise ValueError("generate: empty prompt (a prompt needs at least one token)")
     seeds = seed if isinstance(seed, (list, tuple)) else [
         None if seed is None else seed * 1_000_003 + i for i in range(len(prompts))]
-    param = next(model.parameters())
-    device, n = param.device, len(prompts)
     longest = max(map(len, prompts)) + max_new_tokens
     max_total_len = min(max_total_len or longest, longest)
     if max(map(len, prompts)) >= max_total_len:
         raise ValueError(f"a prompt of {max(map(len, prompts))} tokens does not fit max_total_len={max_total_len}")
-    slots = min(max_batch, n)
-    cuda = device.type == "cuda"  # rollouts in bf16 there (cache and matmuls), even for fp32 training weights
-    cache = KVCache(model.config, slots, max_total_len + 1, device, torch.bfloat16 if cuda else param.dtype)
-    eos, tails = stop_ids(tokenizer), tuple(stop) + (("</code>",) if tool else ())
-    # Only a token that contains a tail's last character can complete it: skip the decode otherwise.
+    tails = tuple(stop) + (("</code>",) if tool else ())
     may_end = {i for i, s in enumerate(token_texts(tokenizer)) if any(t[-1] in s for t in tails)}
-    window = max((len(t) for t in tails), default=0) + 1
-
-    results = [Trajectory(prompt_ids=p) for p in prompts]
-    waiting = list(range(n))[::-1]  # a stack: pop() takes prompts in order
-    row = []  # slot -> index into results; occupied slots are always 0..len(row)-1
-    pending, rng = {}, {}  # index -> ids to feed next / the row's random.Random
-    running, paused = {}, []  # future -> indices whose code it runs; rows whose code is not sent yet
-    pool = ThreadPoolExecutor(max_workers=4) if tool else None
-
-    def finish(i, reason):
-        results[i].finish_reason = reason
-        slot, last = row.index(i), len(row) - 1
-        if slot != last:
-            cache.move(last, slot)
-            row[slot] = row[last]
-        row.pop()
-        cache.lens[last] = 0
-        pending.pop(i, None)
-        if on_finish is not None:
-            on_finish(i)
-
-    def after_token(i, token, logprob):
-        t = results[i]
-        t.response_ids.append(token), t.loss_mask.append(1), t.logprobs.append(logprob)
-        if token in eos:
-            return finish(i, "eos")
-        if len(t.response_ids) >= max_new_tokens or len(t.prompt_ids) + len(t.response_ids) >= max_total_len:
-            return finish(i, "length")
-        pending[i] = [token]
-        if token not in may_end:
-            return
-        tail, before = decode(tokenizer, t.response_ids[-window:]), decode(tokenizer, t.response_ids[-window:-1])
-        done = [s for s in tails if tail.count(s) > before.count(s)]  # the newest token completed one
-        if not done:
-            return
-        if done[0] != "</code>":
-            return finish(i, "stop")
-        if len(t.tool_calls) >= max_tool_calls:
-            return finish(i, "max_tool_calls")
-        t.tool_calls.append(ToolCall(extract_code(decode(tokenizer, t.response_ids)), "", ""))
-        pending[i] = None  # the row sits out until its feedback arrives; its token is fed with it
-        paused.append(i)
-
-    def feed(indices):
-        chunks = [pending[i] for i in indices]
-        T = max(map(len, chunks))
-        ids = torch.tensor([[0] * (T - len(c)) + c for c in chunks], device=device)  # left-padded (R, T)
-        # inference_mode saves per-op bookkeeping; an FSDP module's first unshard in it would leave
-        # inference tensors behind that training cannot update, so sharded models get no_grad only
-        # (inference_mode(False) would turn grad mode back on).
-        with contextlib.nullcontext() if isinstance(model, FSDPModule) else torch.inference_mode():
-            cache.prepare([row.index(i) for i in indices], [len(c) for c in chunks])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(ids, cache=cache)[:, -1, :len(tokenizer)].float()  # (R, V): no padded ids
-            cache.commit()
-            uniforms = torch.tensor([rng[i].random() for i in indices])
-            tokens, logps = sample(logits, temperature, top_p, top_k, uniforms)
-        for i, tok, lp in zip(indices, tokens.tolist(), logps.tolist()):
-            after_token(i, tok, lp)
-
+    limits = Limits(max_new_tokens, max_total_len, max_tool_calls, stop_ids(tokenizer), tails, may_end,
+                    window=max((len(t) for t in tails), default=0) + 1)
+    engine = Engine(model, tokenizer, prompts, seeds, limits, (temperature, top_p, top_k), tool, official,
+                    slots=min(max_batch, len(prompts)), on_finish=on_finish)
     try:
-        while waiting or row:
-            while waiting and len(row) < slots:
-                i = waiting.pop()
-                row.append(i)
-                pending[i], rng[i] = prompts[i], random.Random(seeds[i])
-            done = [f for f in running if f.done()]
-            if running and not any(pending.get(i) for i in row):
-                done = list(wait(running, return_when=FIRST_COMPLETED).done)
-            for f in done:
-                for i, (feedback, status) in zip(running.pop(f), f.result()):
-                    t = results[i]
-                    t.tool_calls[-1].feedback, t.tool_calls[-1].status = feedback, status
-                    keep, block = close_code(tokenizer, t.response_ids, interpreter_block(feedback, official))
-                    if not keep:
-                        del t.response_ids[-1], t.loss_mask[-1], t.logprobs[-1]
-                    if len(t.response_ids) + len(block) >= max_new_tokens or \
-                            len(t.prompt_ids) + len(t.response_ids) + len(block) >= max_total_len:
-                        finish(i, "length")
-                        continue
-                    pending[i] = ([t.response_ids[-1]] if keep else []) + block
-                    t.response_ids += block
-                    t.loss_mask += [0] * len(block)
-                    t.logprobs += [0.0] * len(block)
-            # Chunks (prompts, interpreter output) and single-token decodes go in separate forwards so
-            # that one long prompt does not pad every decoding row to its length.
-            ready = [i for i in row if pending.get(i)]
-            for group in ([i for i in ready if len(pending[i]) > 1], [i for i in ready if len(pending[i]) == 1]):
-                if group:
-                    feed(group)
-            if paused:  # one batch per step: the sandbox runs it in parallel
-                running[pool.submit(run_tool, tool, [results[i].tool_calls[-1].code for i in paused])] = paused
-                paused = []
+        results = engine.run()
     finally:
-        if pool:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if engine.pool:
+            engine.pool.shutdown(wait=False, cancel_futures=True)
     for t in results:
         t.text = decode(tokenizer, t.response_ids, skip_special_tokens=True)
     return results

@@ -158,7 +158,7 @@ def test_cache_attention_matches_flash_kvcache_semantics():
     cache.prepare(rows, n_new)
     got = cache.attend(q, k, v, 0)
     for r, (slot, n) in enumerate(zip(rows, n_new)):
-        total = int(cache.total[r])
+        total = int(cache.ctx.total[r])
         keys, vals = cache.k[0, slot, :total], cache.v[0, slot, :total]  # new keys were written in place
         assert torch.equal(keys[total - n:], k[r, T - n:])
         for i in range(T - n, T):
