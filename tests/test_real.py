@@ -51,7 +51,7 @@ class Scripted(retool.Transformer):
     def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, head=None):
         logits = super().forward(input_ids, position_ids, document_ids, cache, head)  # (B, T, V)
         B, T = input_ids.shape
-        pos = cache.positions[:, -1:] if cache is not None else torch.arange(T).expand(B, T)
+        pos = cache.ctx.positions[:, -1:] if cache is not None else torch.arange(T).expand(B, T)
         nxt = self.script[(pos + 1).clamp(max=len(self.script) - 1)]
         return logits + BONUS * F.one_hot(nxt, logits.shape[-1])
 
