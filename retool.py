@@ -406,14 +406,17 @@ def tokenizer_problem(path: Path) -> str | None:
     return None
 
 
-def check_model_dir(path, flag=None):
-    """Before any work: a checkpoint folder with config.json, weights, a tokenizer and its chat template,
-    or a one-line ModelError naming the folder (and the flag that gave it)."""
+def check_model_dir(path, flag=None, config_only=False):
+    """Before any work: a checkpoint folder with config.json, weights, a tokenizer and its chat template
+    (config.json alone with config_only: --plan reads nothing else), or a one-line ModelError naming
+    the folder (and the flag that gave it)."""
     path = Path(path)
     if not path.is_dir():
         problem = "not a directory" if path.exists() else "no such directory"
     elif not (path / "config.json").is_file():
         problem = "not a checkpoint directory (no config.json)"
+    elif config_only:
+        problem = None
     elif not any((path / f).is_file() for f in MODEL_FILES):
         problem = f"no {' or '.join(MODEL_FILES)}"
     else:
@@ -951,16 +954,22 @@ def shard_model(model, device):
     if world_size() == 1:
         return model.to(device)
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world_size(),))
+    # On CUDA the gathered parameters are bf16 (forward, and generation's full_weights: half of fp32's
+    # bytes on every rank); gradients reduce in fp32 and the optimizer keeps fp32 masters. CPU: fp32.
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # also moves the CPU-loaded parameters onto `device`
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # also moves the CPU-loaded parameters onto `device`
     return model
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (parameters and optimizer stay fp32); plain fp32 on CPU."""
+    """bf16 autocast on CUDA (a single GPU's fp32 parameters; sharded ones arrive bf16 from the
+    MixedPrecisionPolicy, the optimizer keeps fp32 either way); plain fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -1281,7 +1290,7 @@ def check_flags(a, rules, flags=None):
 
 
 def add_stage_flags(p):
-    """The flags both stages share: --preset, --activation-checkpointing, --resume, --prompt-template."""
+    """The flags both stages share: --preset, --activation-checkpointing, --resume, --prompt-template, --plan."""
     p.add_argument("--preset", choices=("tiny", "real"), help="defaults for the other flags (default: tiny "
                    f"without --model or for a model under {TINY_PRESET_MAX_PARAMS:,} parameters, else real)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
@@ -1291,6 +1300,10 @@ def add_stage_flags(p):
                    "with the run's flags (a flag given again must not change the run)")
     p.add_argument("--prompt-template", metavar="FILE[:KEY]", help="user turn: this {query} template on the bare "
                    "problem (.txt, or .json like the official prompt_template.json), official interpreter format")
+    p.add_argument("--plan", action="store_true", help="print the memory per GPU from --model's config.json "
+                   "and exit: 0 when it fits, 2 when not")
+    p.add_argument("--gpus", type=int, default=8, help="--plan: GPUs of the run (default 8)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="--plan: GB per GPU (default 80)")
 
 
 def stage_args(p, argv):
@@ -1360,7 +1373,7 @@ def sft_args(argv):
     add_stage_flags(p)
     a = stage_args(p, argv)
     if a.model is not None:
-        check_model_dir(a.model, "--model")
+        check_model_dir(a.model, "--model", config_only=a.plan)
     a.preset = a.preset or default_preset(a.model)
     for k, v in (TINY_TRAIN if a.preset == "tiny" else REAL_TRAIN).items():
         if getattr(a, k, 0) is None and not (k == "steps" and a.epochs):
@@ -1371,6 +1384,98 @@ def sft_args(argv):
                     "min_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE, "heldout": NON_NEGATIVE})
     check_paths(a)
     return a
+
+
+# --- memory plan -------------------------------------------------------------------------------
+# What each GPU holds, from config.json alone (meta device), before hours of loading: FSDP2 shards
+# fp32 master weights, gradients and AdamW's two moments over the GPUs; one micro-batch's
+# activations; in RL, the bf16 weights every rank gathers whole for generation, and the KV pool
+# that is left. Estimates: the margin covers the CUDA context, NCCL buffers and fragmentation.
+
+GIB = 2 ** 30
+PLAN_MARGIN = 0.1  # of each GPU's memory
+PLAN_PROMPT_TOKENS = 1024  # a rollout's prompt allowance (DAPO-Math prompts are a few hundred tokens)
+HEAD_CHUNK = 1024  # logprobs_entropy's positions per head chunk: its fp32 logits and their gradient
+
+
+@dataclass
+class MemoryPlan:  # bytes per GPU
+    master: float
+    grads: float
+    optimizer: float
+    activations: float
+    usable: float
+    gathered: float = 0.0  # RL: the policy's bf16 weights during generation
+    kv_token: float = 0.0  # bf16 keys and values of one position, all layers
+    rollout_len: int = 0
+
+    @property
+    def training(self):
+        return self.master + self.grads + self.optimizer + self.activations
+
+    @property
+    def kv_pool(self):  # during generation gradients are freed; masters and AdamW moments stay
+        return self.usable - self.master - self.optimizer - self.gathered
+
+    def rollouts(self, length):
+        return max(0, int(self.kv_pool // (self.kv_token * length)))
+
+
+def memory_plan(config: ModelConfig, *, gpus, gpu_gb, tokens, checkpointing, critic=False, rollout_len=0):
+    """The plan of one training micro-batch of `tokens` positions and, with rollout_len, generation."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(config).parameters())
+    C, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    head = 0 if config.tie_word_embeddings else V * C  # the critic's lm_head gets no gradient, its value head does
+    trained = n + (n - head + C + 1 if critic else 0)
+    held = n + (n + C + 1 if critic else 0)  # the critic copies the whole policy, lm_head included
+    block = 8 * C + 4 * I  # bf16 values one block saves per position for backward (q k v o, MLP, norms)
+    layers_kept = 1 if checkpointing else L  # checkpointing keeps the fp32 block inputs, recomputes one block
+    act = tokens * (L * C * 4 + layers_kept * block * 2) + 2 * HEAD_CHUNK * V * 4
+    plan = MemoryPlan(4 * held / gpus, 4 * trained / gpus, 8 * trained / gpus, act, gpu_gb * 1e9 * (1 - PLAN_MARGIN))
+    if rollout_len:
+        plan.gathered, plan.rollout_len = 2 * n, rollout_len
+        plan.kv_token = L * 2 * config.num_key_value_heads * config.head_dim * 2
+    return plan
+
+
+def plan_main(a, stage):
+    """--plan: print the memory plan per GPU -> 0 when it fits, 2 with the shortfall and its levers."""
+    if a.model is None:
+        raise UsageError("--plan needs --model (a checkpoint dir or a dir with its config.json)")
+    check_flags(a, {"gpus": POSITIVE, "gpu_memory": POSITIVE})
+    path = Path(a.model) / "config.json"
+    config = ModelConfig.from_hf(read_json(path), str(path))
+    micro = a.micro_batch or max(1, a.batch // a.gpus) if stage == "sft" else a.micro_batch
+    length = a.pack_len if stage == "sft" else PLAN_PROMPT_TOKENS + a.max_new_tokens
+    plan = memory_plan(config, gpus=a.gpus, gpu_gb=a.gpu_memory, tokens=micro * length,
+                       checkpointing=a.activation_checkpointing, critic=stage == "rl" and a.algo == "ppo",
+                       rollout_len=length if stage == "rl" else 0)
+    rows = [("master weights (fp32, sharded)", plan.master), ("gradients (fp32, sharded)", plan.grads),
+            ("optimizer state (AdamW, sharded)", plan.optimizer),
+            (f"activations ({micro} x {length} tokens{', checkpointed' if a.activation_checkpointing else ''})",
+             plan.activations), ("training total", plan.training),
+            (f"usable ({a.gpu_memory:g} GB less {PLAN_MARGIN:.0%})", plan.usable)]
+    if stage == "rl":
+        rows += [("gathered bf16 weights (generation)", plan.gathered), ("KV pool left", plan.kv_pool)]
+    print(f"memory per GPU, {a.gpus} GPUs, --stage {stage}:")
+    for name, value in rows:
+        print(f"  {name:<46} {value / GIB:8.1f} GiB")
+    if stage == "rl":
+        for n in (length, length // 2):
+            print(f"  rollouts of {n} tokens decoding at once: {plan.rollouts(n)}")
+    levers = "more --gpus, a larger --gpu-memory" + (", --micro-batch 1" if micro > 1 else "") + (
+        "" if a.activation_checkpointing else ", --activation-checkpointing")
+    if plan.training > plan.usable:
+        print(f"does not fit: training needs {plan.training / GIB:.1f} GiB per GPU of {plan.usable / GIB:.1f} "
+              f"usable; levers: {levers}" + (", --algo grpo (no critic)" if stage == "rl" else ""))
+        return 2
+    if stage == "rl" and plan.rollouts(length) < 1:
+        print(f"does not fit: the KV pool ({plan.kv_pool / GIB:.1f} GiB) holds no rollout of {length} tokens; "
+              f"levers: more --gpus, a larger --gpu-memory, --max-new-tokens, --algo grpo (no critic)")
+        return 2
+    print("fits")
+    return 0
 
 
 def interrupted(stage, out):
@@ -1390,6 +1495,8 @@ def run_stage(stage, run, parse, argv):
     threads = torch.get_num_threads()
     try:
         a = parse(argv)
+        if a.plan:
+            return plan_main(a, stage)
         try:
             return run(a)
         except KeyboardInterrupt:  # the progress bar is closed by now: the message gets its own line
@@ -1906,7 +2013,7 @@ def rl_args(argv):
     a.model = a.model or os.path.join("out", "sft")
     if a.model == os.path.join("out", "sft") and not os.path.isfile(os.path.join(a.model, "config.json")):
         raise UsageError(f"{a.model}: no SFT checkpoint; run `python retool.py --stage sft` first")
-    check_model_dir(a.model, "--model")
+    check_model_dir(a.model, "--model", config_only=a.plan)
     a.preset = a.preset or default_preset(a.model)
     if a.tis_cap is None:  # CPU: the engine and the trainer run the same fp32 kernels
         a.tis_cap = 2.0 if torch.cuda.is_available() else 0.0
