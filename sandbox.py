@@ -981,12 +981,6 @@ def _message(cells, words, deadline, trusted):
             return word, pid, rest
 
 
-def _parent(pid):
-    with contextlib.suppress(OSError):
-        return int(open(f"/proc/{pid}/status").read().split("PPid:")[1].split()[0])
-    return None
-
-
 def _run_cell(cells, code, cfg):
     (out_r, out_w), (err_r, err_w), t0 = os.pipe(), os.pipe(), time.monotonic()
     bufs, cell_fd = {out_r: bytearray(), err_r: bytearray()}, None
@@ -995,8 +989,11 @@ def _run_cell(cells, code, cfg):
             cells.sock.sendmsg([code.encode(errors="replace")], [_rights(out_w, err_w)])
         finally:
             _close(out_w, err_w)
-        # Only a child of the holder is the cell; only the cell may say "ok"; only the holder "exit".
-        _, cell, _ = _message(cells, {b"pid"}, t0 + cfg.timeout + REAP_GRACE_S, lambda p: _parent(p) == cells.holder)
+        # The cell says "pid" before any of its code runs, so the first "pid" from a process other than
+        # the holder (whose threads may be a past cell's) is the cell's; its parent is no test: a quick
+        # cell may have exited, or killed the holder and been reparented, before we read it. Only the
+        # cell may say "ok"; only the holder "exit".
+        _, cell, _ = _message(cells, {b"pid"}, t0 + cfg.timeout + REAP_GRACE_S, lambda p: p != cells.holder)
         with contextlib.suppress(ProcessLookupError):  # a quick cell may be gone already
             cell_fd = os.pidfd_open(cell)
         why = _watch(bufs, [], t0 + cfg.timeout, cfg.max_bytes)
