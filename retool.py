@@ -1340,6 +1340,8 @@ def check_paths(a):
     a.template = load_template(a.prompt_template) if a.prompt_template else None
     if a.data is not None:
         check_input_file("--data", a.data)
+    if a.plan:  # the plan reads config.json and writes nothing
+        return
     check_out_dir(a.out, f"--out {a.out}")
     if a.resume and latest_checkpoint(a.out) is None:
         raise UsageError(f"--resume: no checkpoint under {os.path.join(a.out, 'checkpoints')}")
