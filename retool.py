@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -544,56 +545,97 @@ def save_model(model: Transformer, tokenizer, path, state_dict: dict | None = No
 
 
 # -----------------------------------------------------------------------------------------------
-# Generation engine: a static KV cache, continuous batching, and a sampler that pauses a row at
-# </code>, runs its code, appends the interpreter's output into the cache and resumes.
+# Generation engine: a paged KV cache, continuous batching with preemption, and a sampler that
+# pauses a row at </code>, runs its code, appends the interpreter's output into the cache and resumes.
+
+KV_BLOCK = 16  # positions per cache block under SDPA: small blocks waste little at a row's end
+FLASH_KV_BLOCK = 256  # flash-attn's paged kernel takes blocks of a multiple of 256 positions
+MEMORY_MARGIN = 0.1  # of each GPU's memory, kept for a forward's activations and logits (and the plan's)
+
+
+def kv_bytes(config: ModelConfig, positions: int, dtype_bytes: int = 2) -> int:
+    """Keys and values of `positions` positions over all layers: the engine's pool and the plan."""
+    return positions * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
 @dataclass
 class Context:
     """What every layer of one engine forward shares, built once per step (nano-vllm's Context)."""
-    rows: torch.Tensor  # (R,) the slots fed
-    prefix: bool  # the slots are 0..R-1: the cache is sliced, not gathered
-    total: torch.Tensor  # (R,) each slot's length once this forward is written
     positions: torch.Tensor  # (R, T) query positions, bottom-right aligned; padding at 0
-    width: int  # the longest slot after this forward: the keys SDPA reads
-    src: torch.Tensor | None  # (N,) the real tokens' places in the flattened chunk; None: all are real
-    slot: torch.Tensor  # (N,) where each real token's key goes: its slot ...
-    pos: torch.Tensor  # (N,) ... and position
+    total: torch.Tensor  # (R,) each row's cached length once this forward is written
+    src: torch.Tensor | None  # (N,) the real tokens' places in the flattened (R*T) chunk; None: all are real
+    write: torch.Tensor  # (N,) where each real token's key goes in the flattened pool (blocks * block size)
+    table: torch.Tensor  # (R, W) each row's blocks in position order, 0-padded (flash-attn's block_table)
+    width: int  # the longest row after this forward: the keys SDPA reads
     mask: torch.Tensor | None  # (R, 1, T, L) SDPA's additive causal bias; None under flash-attn
 
 
 class KVCache:
-    """Keys and values of every slot, per layer (B, S_max, H_kv, D) — flash-attn's layout — and the
-    number of positions each slot has filled. A forward feeds R rows (slot indices `rows`) a
-    left-padded chunk (R, T) whose last n_new[r] tokens are real; `prepare` builds its Context."""
+    """Paged keys and values (vLLM's PagedAttention; nano-vllm's block manager): per layer a pool of
+    fixed-size blocks (blocks, block_size, H_kv, D), flash-attn's paged layout, handed to rows one
+    block at a time, so a row holds memory for the positions it has, not the longest it might reach.
+    Blocks are reference-counted: the rollouts of one prompt share its prompt's blocks. A forward
+    feeds R rows a left-padded chunk (R, T) whose last n_new[r] tokens are real; row r's cached[r]
+    positions lie in its blocks tables[r]. `prepare` builds the forward's Context."""
 
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, device, dtype):
-        shape = (config.num_hidden_layers, slots, max_len, config.num_key_value_heads, config.head_dim)
+    def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, device, dtype):
+        shape = (config.num_hidden_layers, n_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # zeros, not empty: SDPA reads (masked) keys past a row's end, and 0 * NaN would reach its output
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.block_size = block_size
+        self.refs = [0] * n_blocks
+        self.free = list(range(n_blocks))[::-1]  # a stack: pop() hands out the lowest block first
         self.groups = config.num_attention_heads // config.num_key_value_heads
-        self.steps = torch.arange(max_len, device=device)
         self.ctx = None
 
-    def prepare(self, rows: list, n_new: list):
-        """Build the Context of a forward of a left-padded (R, T) chunk for slots `rows`."""
-        R, T, device = len(rows), max(n_new), self.lens.device
-        prefix = rows == list(range(R))
-        slots = torch.tensor(rows, device=device)
-        total = (self.lens[:R] if prefix else self.lens[slots]) + torch.tensor(n_new, device=device)
-        positions = (total[:, None] - T + self.steps[:T]).clamp(min=0)  # (R, T); padding never fully masked
-        if min(n_new) == T:  # no padding: every chunk token is written
-            src, slot, pos = None, slots[:, None].expand(R, T).flatten(), positions.flatten()
-        else:
-            valid = (self.steps[:T] >= T - total.new_tensor(n_new)[:, None]).flatten()  # (R*T,)
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def allocate(self, n: int) -> list:
+        blocks = [self.free.pop() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list):
+        for b in blocks:
+            self.refs[b] += 1
+
+    def release(self, blocks: list) -> list:
+        """Drop one reference to each block -> the blocks that became free."""
+        freed = []
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+                freed.append(b)
+        return freed
+
+    def prepare(self, tables: list, cached: list, n_new: list):
+        """Build the Context of a forward of a left-padded (R, T) chunk."""
+        R, T, bs, device = len(tables), max(n_new), self.block_size, self.k.device
+        total = torch.tensor([c + n for c, n in zip(cached, n_new)], device=device)  # (R,)
+        width = int(total.max())
+        steps = torch.arange(max(T, width), device=device)
+        positions = (total[:, None] - T + steps[:T]).clamp(min=0)  # (R, T); padding never fully masked
+        widest = max(map(len, tables))
+        table = torch.tensor([t + [0] * (widest - len(t)) for t in tables], device=device)  # (R, W)
+
+        def place(pos):  # (R, X) positions -> (R, X) places in the flattened pool
+            return table.gather(1, pos // bs) * bs + pos % bs
+
+        write = place(positions).flatten()  # (R*T,)
+        src = None
+        if min(n_new) < T:  # padding: only each row's last n_new tokens are written
+            valid = (steps[:T] >= T - total.new_tensor(n_new)[:, None]).flatten()  # (R*T,)
             src = valid.nonzero()[:, 0]
-            slot, pos = slots.repeat_interleave(T)[src], positions.flatten()[src]
-        width, mask = int(total.max()), None
+            write = write[src]
+        mask = None
         if not use_flash(self.k):  # the cache holds q's dtype: bf16 under CUDA autocast
-            causal = self.steps[:width] <= positions[:, :, None]  # (R, T, L)
+            causal = steps[:width] <= positions[:, :, None]  # (R, T, L)
             mask = torch.zeros(causal.shape, dtype=self.k.dtype, device=device).masked_fill_(~causal, float("-inf"))[:, None]
-        self.ctx = Context(slots, prefix, total, positions, width, src, slot, pos, mask)
+        self.ctx = Context(positions, total, src, write, table, width, mask)
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
         R, T, H, D = q.shape
@@ -601,13 +643,15 @@ class KVCache:
         k, v = k.flatten(0, 1), v.flatten(0, 1)  # (R*T, H_kv, D)
         if ctx.src is not None:
             k, v = k[ctx.src], v[ctx.src]
-        self.k[layer].index_put_((ctx.slot, ctx.pos), k)
-        self.v[layer].index_put_((ctx.slot, ctx.pos), v)
+        pool_k, pool_v = self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)  # views (blocks*bs, H_kv, D)
+        pool_k.index_copy_(0, ctx.write, k)
+        pool_v.index_copy_(0, ctx.write, v)
         if ctx.mask is None:
             return flash_attn()[1](q, self.k[layer], self.v[layer], cache_seqlens=ctx.total.int(),
-                                   cache_batch_idx=ctx.rows.int(), causal=True)
-        rows = slice(0, R) if ctx.prefix else ctx.rows  # a slice is a view; a gathered subset is a copy
-        kc, vc = self.k[layer, rows, :ctx.width], self.v[layer, rows, :ctx.width]  # (R, L, H_kv, D)
+                                   block_table=ctx.table.int(), causal=True)
+        # whole blocks gathered (memcpy-sized pieces, far cheaper than per-position indexing), cut to width
+        kc, vc = (self.k[layer].index_select(0, ctx.table.flatten()).view(R, -1, *k.shape[1:])[:, :ctx.width],
+                  self.v[layer].index_select(0, ctx.table.flatten()).view(R, -1, *v.shape[1:])[:, :ctx.width])
         kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # (R, H_kv, L, D)
         if T == 1:  # decode: a kv head's G query heads become G queries of one head, so each key is read once
             out = F.scaled_dot_product_attention(q.reshape(R, -1, self.groups, D), kc, vc, attn_mask=ctx.mask)
@@ -615,15 +659,26 @@ class KVCache:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=ctx.mask, enable_gqa=True)
         return out.transpose(1, 2)
 
-    def commit(self):
-        self.lens[self.ctx.rows] = self.ctx.total
 
-    def move(self, src: int, dst: int):
-        """Slot dst takes over slot src's cache (keeps occupied slots a prefix 0..R-1)."""
-        n = int(self.lens[src])
-        self.k[:, dst, :n] = self.k[:, src, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
-        self.lens[dst] = n
+def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, device, dtype) -> KVCache:
+    """The pool: blocks for `rows` rows of max_len positions, or fewer where kv_budget bytes (default
+    on CUDA: the card's free memory less MEMORY_MARGIN of it; on CPU: no cap) hold fewer; then the
+    engine preempts. A pool must hold one row of max_len, or no row could ever finish."""
+    block_size = block_size or (FLASH_KV_BLOCK if use_flash(torch.empty(0, device=device, dtype=dtype)) else KV_BLOCK)
+    if not use_flash(torch.empty(0, device=device, dtype=dtype)):
+        block_size = min(block_size, max_len)  # a row needs no more: one block per row is the contiguous cache
+    per_row = -(-max_len // block_size)
+    if kv_budget is None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        kv_budget = free - MEMORY_MARGIN * total
+    n_blocks = rows * per_row
+    if kv_budget is not None:
+        n_blocks = min(n_blocks, int(kv_budget // kv_bytes(config, block_size, dtype.itemsize)))
+    if n_blocks < per_row:
+        have = max(0, n_blocks) * block_size
+        raise ValueError(f"the KV budget ({(kv_budget or 0) / 2**30:.2f} GiB) holds {have} positions of this "
+                         f"model; one row needs {max_len} (max_total_len): raise --kv-budget or lower --max-new-tokens")
+    return KVCache(config, n_blocks, block_size, device, dtype)
 
 
 def sample(logits, temperature, top_p, top_k, uniforms):
@@ -729,11 +784,19 @@ WAITING, FEEDING, PAUSED, TOOL, DONE = "waiting", "feeding", "paused", "tool", "
 @dataclass
 class RowState:
     """One prompt's progress through the engine (nanochat's RowState). state is WAITING for a slot,
-    FEEDING (ids to feed next), PAUSED at </code> (code not sent yet), TOOL (code running), or DONE."""
+    FEEDING (its unfed ids go in next), PAUSED at </code> (code not sent yet), TOOL (code running),
+    or DONE. Its first `cached` ids (prompt, then response) have their keys in `blocks`."""
     traj: Trajectory
     rng: random.Random
     state: str = WAITING
-    feed: list = field(default_factory=list)  # the ids the row's next forward feeds
+    blocks: list = field(default_factory=list)  # its KV cache blocks, in position order
+    cached: int = 0
+    prefix: tuple | None = None  # the prompt prefix this row prefills for its siblings, until it has
+
+    def unfed(self) -> list:
+        """The ids whose keys are not cached yet: what the row's next forward feeds."""
+        t = self.traj
+        return t.prompt_ids[self.cached:] + t.response_ids[max(0, self.cached - len(t.prompt_ids)):]
 
 
 @dataclass
@@ -749,41 +812,42 @@ class Limits:
 
 
 class Engine:
-    """Continuous batching over slots 0..len(slot_rows)-1 of one KVCache, with the tool interruption."""
+    """Continuous batching of at most `slots` rows over one paged KVCache, with the tool interruption.
+    A row that needs a block when none is free preempts the newest row (vLLM's policy): its blocks go
+    back to the pool, its ids stay, and it is re-prefilled when blocks free up. Rows with the same
+    prompt share the prompt's full blocks: the first prefills them, the others feed only the rest."""
 
-    def __init__(self, model, tokenizer, prompts, seeds, limits, sampling, tool, official, slots, on_finish=None):
-        param = next(model.parameters())
+    def __init__(self, model, tokenizer, prompts, seeds, limits, sampling, tool, official, cache, slots, on_finish=None):
         self.on_finish = on_finish  # called with a prompt's index as its row finishes (a progress bar)
         self.model, self.tokenizer, self.limits, self.sampling, self.tool = model, tokenizer, limits, sampling, tool
         self.official = official  # the official ReTool interpreter block (data.interpreter_block)
-        self.device, self.slots = param.device, slots
+        self.cache, self.slots, self.device = cache, slots, cache.k.device
         self.cuda = self.device.type == "cuda"  # rollouts in bf16 there (cache and matmuls), even for fp32 weights
-        dtype = torch.bfloat16 if self.cuda else param.dtype
-        self.cache = KVCache(model.config, slots, limits.max_total_len + 1, self.device, dtype)
         self.rows = [RowState(Trajectory(prompt_ids=p), random.Random(s)) for p, s in zip(prompts, seeds)]
-        self.slot_rows = []  # slot -> row index; occupied slots are always 0..len-1
+        self.waiting = deque(range(len(self.rows)))  # rows to admit, in order; preempted rows go in front
+        self.active = []  # the admitted rows, oldest first
+        self.prefixes = {}  # a prompt prefix -> its shared blocks; None while its first row prefills it
+        self.block_prefix = {}  # a shared block -> its prefix, to forget the prefix when the block is freed
         self.running = {}  # future -> the row indices whose code it runs
+        self.preemptions = 0
         self.pool = ThreadPoolExecutor(max_workers=4) if tool else None
 
     def run(self):
-        waiting = list(range(len(self.rows)))[::-1]  # a stack: pop() takes prompts in order
-        while waiting or self.slot_rows:
-            # 1. admit waiting prompts into free slots
-            while waiting and len(self.slot_rows) < self.slots:
-                i = waiting.pop()
-                self.slot_rows.append(i)
-                self.rows[i].state, self.rows[i].feed = FEEDING, self.rows[i].traj.prompt_ids
+        while self.waiting or self.active or self.running:
+            # 1. admit waiting rows while a slot and the blocks of their ids are free
+            self.admit()
             # 2. collect finished tool calls (waiting for one when no row can feed) and resume their rows
-            self.collect_tools(block=not any(self.rows[i].state == FEEDING for i in self.slot_rows))
-            # 3-4. chunks (prompts, interpreter output) and single-token decodes go in separate forwards
+            self.collect_tools(block=not any(self.rows[i].state == FEEDING for i in self.active))
+            # 3. blocks for what each feeding row writes next, preempting the newest rows when none are free
+            ready = self.reserve([i for i in self.active if self.rows[i].state == FEEDING])
+            # 4-5. chunks (prompts, interpreter output) and single-token decodes go in separate forwards
             # so that one long prompt does not pad every decoding row to its length
-            ready = [i for i in self.slot_rows if self.rows[i].state == FEEDING]
-            chunks = [i for i in ready if len(self.rows[i].feed) > 1]
-            decodes = [i for i in ready if len(self.rows[i].feed) == 1]
+            chunks = [i for i in ready if len(self.rows[i].unfed()) > 1]
+            decodes = [i for i in ready if len(self.rows[i].unfed()) == 1]
             for group in (chunks, decodes):
                 if group:
                     self.forward(group)
-            # 5. send the newly paused rows' code, one batch per step: the sandbox runs it in parallel
+            # 6. send the newly paused rows' code, one batch per step: the sandbox runs it in parallel
             paused = [i for i in chunks + decodes if self.rows[i].state == PAUSED]
             if paused:
                 codes = [self.rows[i].traj.tool_calls[-1].code for i in paused]
@@ -791,6 +855,67 @@ class Engine:
                 for i in paused:
                     self.rows[i].state = TOOL
         return [r.traj for r in self.rows]
+
+    def shared_prefix(self, row) -> tuple:
+        """(key, blocks) of the full blocks of a row's prompt before its last token, the one whose
+        logits the row samples from. blocks: a sibling's, [] if no row has them, None while one fills them."""
+        prompt, bs = row.traj.prompt_ids, self.cache.block_size
+        n = (len(prompt) - 1) // bs
+        if n == 0:
+            return None, []
+        key = tuple(prompt[:n * bs])
+        return key, self.prefixes.get(key, [])
+
+    def admit(self):
+        deferred = []  # rows whose prefix a sibling is prefilling this step: admitted after it, sharing it
+        while self.waiting and len(self.active) < self.slots:
+            i = self.waiting.popleft()
+            row = self.rows[i]
+            key, shared = self.shared_prefix(row)
+            if shared is None:
+                deferred.append(i)
+                continue
+            t = row.traj
+            if len(self.cache.free) < self.cache.blocks_for(len(t.prompt_ids) + len(t.response_ids)) - len(shared):
+                self.waiting.appendleft(i)
+                break
+            self.cache.share(shared)
+            row.blocks, row.cached, row.state = list(shared), len(shared) * self.cache.block_size, FEEDING
+            if key is not None and not shared:
+                self.prefixes[key], row.prefix = None, key
+            self.active.append(i)
+        self.waiting.extendleft(reversed(deferred))
+
+    def reserve(self, ready) -> list:
+        """Give each ready row, oldest first, the blocks its next forward writes -> the rows still ready."""
+        for i in ready:
+            row = self.rows[i]
+            need = self.cache.blocks_for(row.cached + len(row.unfed())) - len(row.blocks)
+            while len(self.cache.free) < need and i in self.active:
+                self.preempt(self.active[-1])
+            if i in self.active:
+                row.blocks += self.cache.allocate(need)
+        return [i for i in ready if i in self.active]
+
+    def preempt(self, i):
+        """Row i gives its blocks back and is re-prefilled later; a row whose code is still running
+        stays TOOL and is queued when its output comes back."""
+        self.evict(i)
+        self.preemptions += 1
+        if self.rows[i].state == FEEDING:
+            self.rows[i].state = WAITING
+            self.waiting.appendleft(i)
+
+    def evict(self, i):
+        row = self.rows[i]
+        for b in self.cache.release(row.blocks):
+            key = self.block_prefix.pop(b, None)
+            if key is not None:
+                self.prefixes.pop(key, None)
+        if row.prefix is not None and self.prefixes.get(row.prefix, []) is None:
+            del self.prefixes[row.prefix]  # its siblings will prefill the prefix themselves
+        row.blocks, row.cached, row.prefix = [], 0, None
+        self.active.remove(i)
 
     def collect_tools(self, block: bool):
         done = [f for f in self.running if f.done()]
@@ -801,33 +926,42 @@ class Engine:
                 t = self.rows[i].traj
                 t.tool_calls[-1].feedback, t.tool_calls[-1].status = feedback, status
                 keep, block_ids = close_code(self.tokenizer, t.response_ids, interpreter_block(feedback, self.official))
-                if not keep:
+                if not keep:  # the row's last sampled token (</code>'s) was never fed: nothing to uncache
                     del t.response_ids[-1], t.loss_mask[-1], t.logprobs[-1]
                 if len(t.response_ids) + len(block_ids) >= self.limits.max_new_tokens or \
                         len(t.prompt_ids) + len(t.response_ids) + len(block_ids) >= self.limits.max_total_len:
                     self.finish(i, "length")
                     continue
-                # the row's last sampled token (</code>'s) was never fed: a kept one goes in front of the block
-                self.rows[i].state = FEEDING
-                self.rows[i].feed = ([t.response_ids[-1]] if keep else []) + block_ids
                 t.response_ids += block_ids
                 t.loss_mask += [0] * len(block_ids)
                 t.logprobs += [0.0] * len(block_ids)
+                if i in self.active:
+                    self.rows[i].state = FEEDING
+                else:  # preempted while its code ran
+                    self.rows[i].state = WAITING
+                    self.waiting.appendleft(i)
 
     def forward(self, indices):
-        chunks = [self.rows[i].feed for i in indices]
+        rows = [self.rows[i] for i in indices]
+        chunks = [r.unfed() for r in rows]
         T = max(map(len, chunks))
         ids = torch.tensor([[0] * (T - len(c)) + c for c in chunks], device=self.device)  # left-padded (R, T)
         # inference_mode saves per-op bookkeeping; an FSDP module's first unshard in it would leave
         # inference tensors behind that training cannot update, so sharded models get no_grad only
         # (inference_mode(False) would turn grad mode back on).
         with contextlib.nullcontext() if isinstance(self.model, FSDPModule) else torch.inference_mode():
-            self.cache.prepare([self.slot_rows.index(i) for i in indices], [len(c) for c in chunks])
+            self.cache.prepare([r.blocks for r in rows], [r.cached for r in rows], [len(c) for c in chunks])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
                 logits = self.model(ids, cache=self.cache)[:, -1, :len(self.tokenizer)].float()  # (R, V): no padded ids
-            self.cache.commit()
-            uniforms = torch.tensor([self.rows[i].rng.random() for i in indices])
+            uniforms = torch.tensor([r.rng.random() for r in rows])
             tokens, logps = sample(logits, *self.sampling, uniforms)
+        for r, c in zip(rows, chunks):
+            r.cached += len(c)
+            if r.prefix is not None:  # its prompt's full blocks are written: siblings may share them now
+                shared = r.blocks[:len(r.prefix) // self.cache.block_size]
+                self.prefixes[r.prefix] = shared
+                self.block_prefix.update((b, r.prefix) for b in shared)
+                r.prefix = None
         for i, tok, lp in zip(indices, tokens.tolist(), logps.tolist()):
             self.after_token(i, tok, lp)
 
@@ -838,7 +972,6 @@ class Engine:
             return self.finish(i, "eos")
         if len(t.response_ids) >= lim.max_new_tokens or len(t.prompt_ids) + len(t.response_ids) >= lim.max_total_len:
             return self.finish(i, "length")
-        self.rows[i].feed = [token]
         if token not in lim.may_end:
             return
         ids = t.response_ids[-lim.window:]
@@ -854,13 +987,9 @@ class Engine:
         self.rows[i].state = PAUSED  # the row sits out until its feedback arrives; its token is fed with it
 
     def finish(self, i, reason):
-        self.rows[i].traj.finish_reason, self.rows[i].state, self.rows[i].feed = reason, DONE, []
-        slot, last = self.slot_rows.index(i), len(self.slot_rows) - 1
-        if slot != last:
-            self.cache.move(last, slot)
-            self.slot_rows[slot] = self.slot_rows[last]
-        self.slot_rows.pop()
-        self.cache.lens[last] = 0
+        self.rows[i].traj.finish_reason, self.rows[i].state = reason, DONE
+        if i in self.active:
+            self.evict(i)
         if self.on_finish is not None:
             self.on_finish(i)
 
@@ -868,7 +997,7 @@ class Engine:
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              tool=None, max_tool_calls=8, seed=None, max_batch=64, max_total_len=None, stop=(), official=False,
-             on_finish=None):
+             kv_budget=None, block_size=None, on_finish=None):
     """Sample a response for every prompt (strings or token-id lists) -> list[Trajectory].
 
     At most max_batch rows decode at once; a finished row frees its slot for the next prompt. With a
@@ -877,7 +1006,10 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     its interpreter block fed into its cache as one chunk. seed: an int, or one per
     prompt (rollouts that must not depend on how prompts are split across ranks). official: the
     official ReTool interpreter block (data.interpreter_block). Ids past len(tokenizer) (a padded
-    head's rows) are never sampled. on_finish(i) is called as prompt i's row finishes (a progress bar)."""
+    head's rows) are never sampled. on_finish(i) is called as prompt i's row finishes (a progress bar).
+    The KV cache is paged (make_cache): kv_budget bytes (default: all rows at full length on CPU, the
+    free memory on CUDA) of blocks of block_size positions; a block size past max_total_len is one
+    contiguous block per row. Rows past the budget are preempted and resumed: the same tokens."""
     prompts = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
     if not prompts:
         return []
@@ -893,8 +1025,12 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     may_end = {i for i, s in enumerate(token_texts(tokenizer)) if any(t[-1] in s for t in tails)}
     limits = Limits(max_new_tokens, max_total_len, max_tool_calls, stop_ids(tokenizer), tails, may_end,
                     window=max((len(t) for t in tails), default=0) + 1)
-    engine = Engine(model, tokenizer, prompts, seeds, limits, (temperature, top_p, top_k), tool, official,
-                    slots=min(max_batch, len(prompts)), on_finish=on_finish)
+    param, slots = next(model.parameters()), min(max_batch, len(prompts))
+    dtype = torch.bfloat16 if param.device.type == "cuda" else param.dtype
+    cache = make_cache(model.config, max_len=max_total_len, rows=slots, kv_budget=kv_budget, block_size=block_size,
+                       device=param.device, dtype=dtype)
+    engine = Engine(model, tokenizer, prompts, seeds, limits, (temperature, top_p, top_k), tool, official, cache,
+                    slots, on_finish=on_finish)
     try:
         results = engine.run()
     finally:
@@ -1395,7 +1531,6 @@ def sft_args(argv):
 # that is left. Estimates: the margin covers the CUDA context, NCCL buffers and fragmentation.
 
 GIB = 2 ** 30
-PLAN_MARGIN = 0.1  # of each GPU's memory
 PLAN_PROMPT_TOKENS = 1024  # a rollout's prompt allowance (DAPO-Math prompts are a few hundred tokens)
 HEAD_CHUNK = 1024  # logprobs_entropy's positions per head chunk: its fp32 logits and their gradient
 
@@ -1434,10 +1569,10 @@ def memory_plan(config: ModelConfig, *, gpus, gpu_gb, tokens, checkpointing, cri
     block = 8 * C + 4 * I  # bf16 values one block saves per position for backward (q k v o, MLP, norms)
     layers_kept = 1 if checkpointing else L  # checkpointing keeps the fp32 block inputs, recomputes one block
     act = tokens * (L * C * 4 + layers_kept * block * 2) + 2 * HEAD_CHUNK * V * 4
-    plan = MemoryPlan(4 * held / gpus, 4 * trained / gpus, 8 * trained / gpus, act, gpu_gb * 1e9 * (1 - PLAN_MARGIN))
+    plan = MemoryPlan(4 * held / gpus, 4 * trained / gpus, 8 * trained / gpus, act, gpu_gb * 1e9 * (1 - MEMORY_MARGIN))
     if rollout_len:
         plan.gathered, plan.rollout_len = 2 * n, rollout_len
-        plan.kv_token = L * 2 * config.num_key_value_heads * config.head_dim * 2
+        plan.kv_token = kv_bytes(config, 1)
     return plan
 
 
@@ -1457,7 +1592,7 @@ def plan_main(a, stage):
             ("optimizer state (AdamW, sharded)", plan.optimizer),
             (f"activations ({micro} x {length} tokens{', checkpointed' if a.activation_checkpointing else ''})",
              plan.activations), ("training total", plan.training),
-            (f"usable ({a.gpu_memory:g} GB less {PLAN_MARGIN:.0%})", plan.usable)]
+            (f"usable ({a.gpu_memory:g} GB less {MEMORY_MARGIN:.0%})", plan.usable)]
     if stage == "rl":
         rows += [("gathered bf16 weights (generation)", plan.gathered), ("KV pool left", plan.kv_pool)]
     print(f"memory per GPU, {a.gpus} GPUs, --stage {stage}:")

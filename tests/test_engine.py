@@ -186,3 +186,45 @@ def test_segment_attention_equals_the_masked_form():
     q, k, v = torch.randn(2, 12, 4, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g)
     docs = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 3, [0] * 12])
     assert (retool.segment_attention(q, k, v, docs) - retool.packed_attention(q, k, v, docs)).abs().max() < 1e-5
+
+
+def test_paged_cache_gives_the_contiguous_tokens_under_preemption_and_sharing(tokenizer, memorized, monkeypatch):
+    """A pool too small for two rows (preemption), blocks of 4 (the copies of a prompt share its
+    blocks) and tool interruptions: the same tokens, tool calls and log-probs as one contiguous
+    block per row with room for every row."""
+    model, _, _ = memorized
+    prompts = [data.render_prompt(tokenizer, "What is 6*7+1?")] * 4 + [data.render_prompt(tokenizer, q)
+                                                                      for q in ("Hi", "What is 2+2?")]
+    counts = {"preempt": 0, "shared": 0}
+    preempt, share = retool.Engine.preempt, retool.KVCache.share
+
+    def counting_preempt(self, i):
+        counts["preempt"] += 1
+        preempt(self, i)
+
+    def counting_share(self, blocks):
+        counts["shared"] += len(blocks)
+        share(self, blocks)
+
+    monkeypatch.setattr(retool.Engine, "preempt", counting_preempt)
+    monkeypatch.setattr(retool.KVCache, "share", counting_share)
+    kw = dict(max_new_tokens=60, temperature=1.0, seed=3, max_batch=6, tool=scripted_tool)
+    contiguous = retool.generate(model, tokenizer, prompts, block_size=10_000, **kw)  # one block per row (cut to max_total_len)
+    assert counts == {"preempt": 0, "shared": 0}
+    longest = max(len(t.prompt_ids) for t in contiguous) + 60
+    budget = retool.kv_bytes(model.config, longest * 3 // 2, 4)  # fp32 keys and values of 1.5 rows
+    paged = retool.generate(model, tokenizer, prompts, block_size=4, kv_budget=budget, **kw)
+    assert counts["preempt"] > 0 and counts["shared"] > 0
+    assert sum(len(t.tool_calls) for t in contiguous) >= 6
+    for c, p in zip(contiguous, paged):
+        assert (p.response_ids, p.loss_mask, p.finish_reason) == (c.response_ids, c.loss_mask, c.finish_reason)
+        assert [(x.code, x.feedback) for x in p.tool_calls] == [(x.code, x.feedback) for x in c.tool_calls]
+        assert max(abs(a - b) for a, b in zip(p.logprobs, c.logprobs)) <= 1e-5
+
+
+def test_a_kv_budget_without_room_for_one_row_is_refused(tokenizer, memorized):
+    model, _, _ = memorized
+    prompt = data.render_prompt(tokenizer, "Hi")
+    with pytest.raises(ValueError, match="one row needs .* \\(max_total_len\\)"):
+        retool.generate(model, tokenizer, [prompt], max_new_tokens=40, block_size=4,
+                        kv_budget=retool.kv_bytes(model.config, 8, 4))

@@ -117,19 +117,19 @@ def test_cached_decode_equals_full_recompute():
     g = torch.Generator().manual_seed(0)
     lengths = [5, 11, 8]
     seqs = [torch.randint(0, VOCAB, (n + 9,), generator=g) for n in lengths]
-    cache = retool.KVCache(model.config, 3, 64, "cpu", torch.float32)
+    cache = retool.KVCache(model.config, 16, 4, "cpu", torch.float32)  # blocks of 4 positions
+    tables, done = [[], [], []], [0, 0, 0]
 
     def feed(rows, chunks):
+        for r, c in zip(rows, chunks):  # blocks handed out as rows grow: interleaved in the pool
+            tables[r] += cache.allocate(cache.blocks_for(done[r] + len(c)) - len(tables[r]))
         T = max(len(c) for c in chunks)
         ids = torch.stack([torch.cat([torch.zeros(T - len(c), dtype=torch.long), c]) for c in chunks])
-        cache.prepare(rows, [len(c) for c in chunks])
+        cache.prepare([tables[r] for r in rows], [done[r] for r in rows], [len(c) for c in chunks])
         with torch.no_grad():
-            out = model(ids, cache=cache)[:, -1]
-        cache.commit()
-        return out
+            return model(ids, cache=cache)[:, -1]
 
-    done = [0, 0, 0]
-    # prompts of different lengths in one left-padded chunk, then a gathered (non-prefix) subset,
+    # prompts of different lengths in one left-padded chunk, then a subset in another order,
     # then a multi-token append to one row, then single-token decodes of all rows
     steps = [([0, 1, 2], lengths), ([2, 0], [1, 3]), ([1], [4]), ([0, 1, 2], [1, 1, 1]), ([0, 1, 2], [1, 1, 1])]
     for rows, ns in steps:
@@ -140,26 +140,28 @@ def test_cached_decode_equals_full_recompute():
         with torch.no_grad():
             want = torch.stack([model(seqs[r][None, :done[r]])[0, -1] for r in rows])
         assert (got - want).abs().max() < 1e-5
-    assert cache.lens.tolist() == done
+    assert sorted(b for t in tables for b in t) == list(range(16 - len(cache.free)))  # no block handed out twice
+    assert [len(t) for t in tables] == [cache.blocks_for(n) for n in done]
 
 
 def test_cache_attention_matches_flash_kvcache_semantics():
-    """flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=total, cache_batch_idx=rows, causal=True):
-    query i of a T-token chunk sits at position total - T + i and sees keys 0..that position."""
+    """flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=total, block_table=table, causal=True):
+    query i of a T-token chunk sits at position total - T + i and sees keys 0..that position, key p
+    of row r lying at offset p % block_size of block table[r][p // block_size]."""
     torch.manual_seed(0)
-    B, S, H, Hkv, D, T = 4, 16, 4, 2, 8, 3
+    H, Hkv, D, T, bs = 4, 2, 8, 3, 4
     c = retool.ModelConfig(vocab_size=1, hidden_size=H * D, intermediate_size=1, num_hidden_layers=1,
                            num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D)
-    cache = retool.KVCache(c, B, S, "cpu", torch.float32)
+    cache = retool.KVCache(c, 12, bs, "cpu", torch.float32)
     cache.k.normal_(), cache.v.normal_()
-    cache.lens[:] = torch.tensor([4, 9, 0, 6])
-    rows, n_new = [3, 1, 2], [3, 2, 3]
+    tables, cached, n_new = [[7, 2, 9], [4, 0, 11], [5]], [6, 9, 0], [3, 2, 3]  # shuffled, non-contiguous blocks
     q, k, v = torch.randn(3, T, H, D), torch.randn(3, T, Hkv, D), torch.randn(3, T, Hkv, D)
-    cache.prepare(rows, n_new)
+    cache.prepare(tables, cached, n_new)
     got = cache.attend(q, k, v, 0)
-    for r, (slot, n) in enumerate(zip(rows, n_new)):
-        total = int(cache.ctx.total[r])
-        keys, vals = cache.k[0, slot, :total], cache.v[0, slot, :total]  # new keys were written in place
+    for r, n in enumerate(n_new):
+        total = cached[r] + n
+        keys = torch.cat([cache.k[0, b] for b in tables[r]])[:total]  # new keys were written in place
+        vals = torch.cat([cache.v[0, b] for b in tables[r]])[:total]
         assert torch.equal(keys[total - n:], k[r, T - n:])
         for i in range(T - n, T):
             pos = total - T + i
