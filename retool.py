@@ -1913,26 +1913,48 @@ def first_code_token(tokenizer, response_ids):
                               key=lambda k: "<code>" in decode(tokenizer, response_ids[:k + 1]))
 
 
-def to_record(traj, gold, tokenizer):
-    """One trajectory -> 1-D tensors over target positions t (position t scores ids[t + 1]) plus
-    the rollout statistics the paper analyses."""
+@dataclass
+class Rollout:
+    """One trajectory as PPO trains on it: tensors over the T = len(ids) - 1 target positions t
+    (position t scores ids[t + 1]) and the statistics the paper analyses. to_record fills the
+    fields down to `trajectory`, score the next five, add_advantages the last two."""
+    ids: torch.Tensor  # (T + 1,) prompt then response ids
+    mask: torch.Tensor  # (T,) 1 where ids[t + 1] was sampled, 0 on the prompt and interpreter output
+    engine_logp: torch.Tensor  # (T,) the engine's log-prob of each sampled token, 0 elsewhere
+    reward: float  # +1 right, -1 wrong: the model's own text graded
+    length: int = 0  # response tokens, interpreter output included
+    tool_calls: int = 0
+    code_lines: int = 0  # non-blank code lines over all calls
+    calls_ok: int = 0  # calls whose code ran without an error
+    first_call: float = 0.0  # where the first <code> starts, as a fraction of the response (0: none)
+    trajectory: Trajectory | None = None  # the engine's, for samples.html and the terminal sample
+    old_logp: torch.Tensor | None = None  # (T,) the trainer's log-probs before this step's updates
+    entropy: torch.Tensor | None = None  # (T,)
+    ref_logp: torch.Tensor | None = None  # (T,) the frozen start model's (old_logp without a reference)
+    values: torch.Tensor | None = None  # (T,) the critic's before the updates (0 without a critic)
+    tis: torch.Tensor | None = None  # (T,) truncated importance-sampling weights, 0 where mask is 0
+    advantages: torch.Tensor | None = None  # (T,)
+    returns: torch.Tensor | None = None  # (T,) the critic's targets
+
+
+def to_record(traj, gold, tokenizer) -> Rollout:
+    """One trajectory -> its Rollout, the training forwards' fields still empty."""
     p, r = len(traj.prompt_ids), len(traj.response_ids)
     ids = torch.tensor(traj.prompt_ids + traj.response_ids)
-    mask, eng = torch.zeros(p + r - 1), torch.zeros(p + r - 1)
+    mask, engine_logp = torch.zeros(p + r - 1), torch.zeros(p + r - 1)
     mask[p - 1:] = torch.tensor(traj.loss_mask, dtype=torch.float)
-    eng[p - 1:] = torch.tensor(traj.logprobs, dtype=torch.float)
+    engine_logp[p - 1:] = torch.tensor(traj.logprobs, dtype=torch.float)
     calls = traj.tool_calls
-    stats = dict(
-        reward=reward(model_text(traj, tokenizer), gold), length=r, code=float(bool(calls)), calls=len(calls),
+    return Rollout(
+        ids=ids, mask=mask, engine_logp=engine_logp, reward=reward(model_text(traj, tokenizer), gold),
+        length=r, tool_calls=len(calls), calls_ok=sum(c.status == "ok" for c in calls),
         code_lines=sum(sum(1 for l in c.code.splitlines() if l.strip()) for c in calls),
-        calls_ok=sum(c.status == "ok" for c in calls),
-        first_call=first_code_token(tokenizer, traj.response_ids) / r if calls else 0.0)
-    return dict(ids=ids, mask=mask, eng=eng, stats=stats)
+        first_call=first_code_token(tokenizer, traj.response_ids) / r if calls else 0.0, trajectory=traj)
 
 
-def collate(records, keys):
-    """Right-pad 1-D tensors of the given keys into (B, L) batches (0 padding: mask 0 there)."""
-    return {k: pad_sequence([rec[k] for rec in records], batch_first=True) for k in keys}
+def collate(records, names):
+    """Right-pad the named (T,) fields of Rollouts into (B, L) batches (0 padding: mask 0 there)."""
+    return {k: pad_sequence([getattr(rec, k) for rec in records], batch_first=True) for k in names}
 
 
 def rollout(policy, tokenizer, jobs, args, tool, step, counts=None):
@@ -1982,30 +2004,30 @@ def score(records, policy, critic, ref, args, device):
             refl = logprobs_entropy(ref, ids, args.temperature, False)[0] if ref else None
             val = critic(ids)[:, :-1] if critic else None
         for k, rec in enumerate(chunk):
-            n = len(rec["mask"])
-            rec["old"], rec["ent"] = old[k, :n].cpu(), ent[k, :n].cpu()
-            rec["ref"] = refl[k, :n].cpu() if ref else rec["old"]
-            rec["val"] = val[k, :n].cpu() if critic else torch.zeros(n)
-            rec["tis"] = tis_weights(rec["old"], rec["eng"], rec["mask"], args.tis_cap)
+            n = len(rec.mask)
+            rec.old_logp, rec.entropy = old[k, :n].cpu(), ent[k, :n].cpu()
+            rec.ref_logp = refl[k, :n].cpu() if ref else rec.old_logp
+            rec.values = val[k, :n].cpu() if critic else torch.zeros(n)
+            rec.tis = tis_weights(rec.old_logp, rec.engine_logp, rec.mask, args.tis_cap)
 
 
 def add_advantages(records, args, device=torch.device("cpu")):
     """PPO: token-level GAE on the critic's values with the reward on the last sampled token,
     whitened over the step's tokens on all ranks unless --no-whiten.
     GRPO: the group-normalised reward on every sampled token (a group = n consecutive records)."""
-    b = collate(records, ["mask", "val"])
+    b = collate(records, ["mask", "values"])
     mask, rewards = b["mask"], torch.zeros_like(b["mask"])
-    r = torch.tensor([rec["stats"]["reward"] for rec in records], dtype=torch.float)
+    r = torch.tensor([rec.reward for rec in records], dtype=torch.float)
     if args.algo == "ppo":
         last = (mask * torch.arange(mask.shape[1])).argmax(1)  # each row's last sampled position
         rewards[torch.arange(len(records)), last] = r
-        adv, ret = gae(rewards, b["val"], mask)
+        adv, ret = gae(rewards, b["values"], mask)
         adv = adv if args.no_whiten else whiten(adv, mask, device)
     else:
-        adv, ret = group_advantages(r, args.n, std=not args.no_std)[:, None] * mask, b["val"]
+        adv, ret = group_advantages(r, args.n, std=not args.no_std)[:, None] * mask, b["values"]
     for k, rec in enumerate(records):
-        n = len(rec["mask"])
-        rec["adv"], rec["ret"] = adv[k, :n], ret[k, :n]
+        n = len(rec.mask)
+        rec.advantages, rec.returns = adv[k, :n], ret[k, :n]
 
 
 def minibatch_backward(records, policy, critic, args, device, n_tokens, train_policy=True):
@@ -2013,10 +2035,10 @@ def minibatch_backward(records, policy, critic, args, device, n_tokens, train_po
     the sampled-token count of the WHOLE mini-batch over all ranks, so the loss is a token-mean
     over the global batch however it is micro-batched or sharded. -> summed statistics."""
     scale = world_size() / n_tokens  # FSDP averages gradients over ranks: undo that
-    keys = ["ids", "mask", "old", "ref", "val", "adv", "ret", "tis"]
+    names = ["ids", "mask", "old_logp", "ref_logp", "values", "advantages", "returns", "tis"]
     acc = dict(loss=0.0, clipped=0.0, approx_kl=0.0, ref_kl=0.0, value_loss=0.0)
     for i in range(0, len(records), args.micro_batch):
-        b = {k: v.to(device) for k, v in collate(records[i:i + args.micro_batch], keys).items()}
+        b = {k: v.to(device) for k, v in collate(records[i:i + args.micro_batch], names).items()}
         m = b["mask"]
         for model in (policy, critic):  # FSDP: reduce-scatter once per mini-batch, at its end
             if hasattr(model, "set_requires_gradient_sync"):
@@ -2024,17 +2046,17 @@ def minibatch_backward(records, policy, critic, args, device, n_tokens, train_po
         with autocast(device):
             if train_policy:
                 logp = logprobs_entropy(policy, b["ids"], args.temperature, False)[0]
-                pl, clipped = policy_loss(logp, b["old"], b["adv"], m, args.clip_low,
+                pl, clipped = policy_loss(logp, b["old_logp"], b["advantages"], m, args.clip_low,
                                           args.clip_high, args.dual_clip)
-                kl = k3_kl(logp, b["ref"], m).sum()
+                kl = k3_kl(logp, b["ref_logp"], m).sum()
                 loss = (pl * b["tis"]).sum() + args.kl_coef * kl
                 (loss * scale).backward()
                 acc["loss"] += loss.item() / n_tokens
                 acc["clipped"] += clipped.sum().item() / n_tokens
                 acc["ref_kl"] += kl.item() / n_tokens
-                acc["approx_kl"] += k3_kl(logp.detach(), b["old"], m).sum().item() / n_tokens
+                acc["approx_kl"] += k3_kl(logp.detach(), b["old_logp"], m).sum().item() / n_tokens
             if critic is not None:
-                vl = value_loss(critic(b["ids"])[:, :-1], b["val"], b["ret"], m, args.value_clip).sum()
+                vl = value_loss(critic(b["ids"])[:, :-1], b["values"], b["returns"], m, args.value_clip).sum()
                 (vl * scale).backward()
                 acc["value_loss"] += vl.item() / n_tokens
     return acc
@@ -2062,12 +2084,12 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     add_advantages(records, args, device)
     train_policy = args.algo == "grpo" or step >= args.critic_warmup  # critic warm-up: critic only
     per = len(records) // args.mini_batches
-    keys = ("loss", "clipped", "approx_kl", "ref_kl", "value_loss", "grad_norm", "critic_grad_norm")
-    acc = dict.fromkeys(keys, 0.0)
+    summed = ("loss", "clipped", "approx_kl", "ref_kl", "value_loss")  # minibatch_backward's
+    acc = dict.fromkeys(summed + ("grad_norm", "critic_grad_norm"), 0.0)
     for _ in range(args.ppo_epochs):
         for k in range(args.mini_batches):
             mb = records[k * per:(k + 1) * per]
-            n_tokens = max(1.0, reduce_floats([sum(r["mask"].sum().item() for r in mb)], device)[0])
+            n_tokens = max(1.0, reduce_floats([sum(r.mask.sum().item() for r in mb)], device)[0])
             for key, v in minibatch_backward(mb, policy, critic, args, device, n_tokens, train_policy).items():
                 acc[key] += v
             if train_policy:
@@ -2076,7 +2098,8 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
                 acc["critic_grad_norm"] += optimizer_step(critic, copt, None, args.grad_clip)
     updates = args.ppo_epochs * args.mini_batches
     # the per-mini-batch sums are already global token-means of this rank's part: sum over ranks
-    out = dict(zip(keys, reduce_floats([acc[k] for k in keys[:5]], device) + [acc[k] for k in keys[5:]]))
+    # (the gradient norms are global already)
+    out = {**acc, **dict(zip(summed, reduce_floats([acc[k] for k in summed], device)))}
     out["clip_frac"] = out.pop("clipped")
     drop = {"ref_kl"} if ref is None else set()
     drop |= {"value_loss", "critic_grad_norm"} if critic is None else set()
@@ -2084,32 +2107,40 @@ def rl_step(step, records, policy, critic, ref, opt, copt, args, device):
     return {k: v / updates for k, v in out.items() if k not in drop}
 
 
+def rollout_sums(records, counts, tis_cap) -> dict:
+    """This rank's sums behind rollout_metrics, by name: over rollouts, over sampled tokens, over calls."""
+    def over_tokens(f):  # f(rollout) is (T,) or a number
+        return sum((f(r) * r.mask).sum().item() for r in records)
+    return dict(
+        rollouts=len(records), right=sum(r.reward > 0 for r in records), reward=sum(r.reward for r in records),
+        length=sum(r.length for r in records), with_code=sum(r.tool_calls > 0 for r in records),
+        calls=sum(r.tool_calls for r in records), code_lines=sum(r.code_lines for r in records),
+        calls_ok=sum(r.calls_ok for r in records), first_call=sum(r.first_call for r in records),
+        tokens=over_tokens(lambda r: 1), entropy=over_tokens(lambda r: r.entropy),
+        returns=over_tokens(lambda r: r.returns), returns_sq=over_tokens(lambda r: r.returns ** 2),
+        error=over_tokens(lambda r: r.returns - r.values), error_sq=over_tokens(lambda r: (r.returns - r.values) ** 2),
+        tis=sum(r.tis.sum().item() for r in records),
+        tis_capped=over_tokens(lambda r: r.tis >= tis_cap) if tis_cap > 0 else 0.0,
+        calls_run=counts["calls"], cache_hits=counts["hits"])
+
+
 def rollout_metrics(records, device, counts=None, tis_cap=0.0):
     """The paper's analysis figures over this step's rollouts, all ranks together, with the TIS
     weights' mean, max and capped fraction and the tool cache's hit rate."""
-    s = [r["stats"] for r in records]
-    per_traj = [sum(x[k] for x in s) for k in ("reward", "length", "code", "calls", "code_lines", "calls_ok",
-                                                "first_call")]
-    per_token = [sum((f(r) * r["mask"]).sum().item() for r in records) for f in (
-        lambda r: 1, lambda r: r["ent"], lambda r: r["ret"], lambda r: r["ret"] ** 2,
-        lambda r: r["ret"] - r["val"], lambda r: (r["ret"] - r["val"]) ** 2)]
-    n, acc, rew, length, code, calls, lines, ok, first, toks, ent, r1, r2, e1, e2 = reduce_floats(
-        [len(s), sum(x["reward"] > 0 for x in s), *per_traj, *per_token], device)
-    diff = max([((r["old"] - r["eng"]).abs() * r["mask"]).max().item() for r in records] or [0.0])
-    diff = reduce_floats([diff], device, dist.ReduceOp.MAX)[0]
-    var_ret, var_err = r2 / toks - (r1 / toks) ** 2, e2 / toks - (e1 / toks) ** 2
-    counts = counts or {"calls": 0, "hits": 0}
-    capped = sum(((r["tis"] >= tis_cap) * r["mask"]).sum().item() for r in records) if tis_cap > 0 else 0.0
-    w_sum, capped, calls_run, hits = reduce_floats(
-        [sum(r["tis"].sum().item() for r in records), capped, counts["calls"], counts["hits"]], device)
-    w_max = max([r["tis"].max().item() for r in records] or [0.0])
-    w_max = reduce_floats([w_max], device, dist.ReduceOp.MAX)[0]
-    return dict(reward=rew / n, accuracy=acc / n, response_len=length / n, code_ratio=code / n,
-                tool_calls=calls / n, code_lines=lines / n, code_pass=ok / calls if calls else 0.0,
-                first_call=first / code if code else 0.0, entropy=ent / toks,
+    s = rollout_sums(records, counts or {"calls": 0, "hits": 0}, tis_cap)
+    s = dict(zip(s, reduce_floats(list(s.values()), device)))
+    diff = max([((r.old_logp - r.engine_logp).abs() * r.mask).max().item() for r in records] or [0.0])
+    w_max = max([r.tis.max().item() for r in records] or [0.0])
+    diff, w_max = reduce_floats([diff, w_max], device, dist.ReduceOp.MAX)
+    n, toks, calls, code = s["rollouts"], s["tokens"], s["calls"], s["with_code"]
+    var_ret = s["returns_sq"] / toks - (s["returns"] / toks) ** 2
+    var_err = s["error_sq"] / toks - (s["error"] / toks) ** 2
+    return dict(reward=s["reward"] / n, accuracy=s["right"] / n, response_len=s["length"] / n, code_ratio=code / n,
+                tool_calls=calls / n, code_lines=s["code_lines"] / n, code_pass=s["calls_ok"] / calls if calls else 0.0,
+                first_call=s["first_call"] / code if code else 0.0, entropy=s["entropy"] / toks,
                 explained_var=1 - var_err / var_ret if var_ret > 1e-6 else 0.0,  # 0: constant returns
-                logprob_diff=diff, tis_mean=w_sum / toks, tis_max=w_max, tis_capped=capped / toks,
-                tool_cache_hits=hits / calls_run if calls_run else 0.0)
+                logprob_diff=diff, tis_mean=s["tis"] / toks, tis_max=w_max, tis_capped=s["tis_capped"] / toks,
+                tool_cache_hits=s["cache_hits"] / s["calls_run"] if s["calls_run"] else 0.0)
 
 
 # ----------------------------------------------------------------------------- CLI

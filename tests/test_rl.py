@@ -50,8 +50,8 @@ def fake_records(rewards, vocab, seed=0):
         mask = torch.zeros(p + n - 1)
         mask[p - 1:] = 1
         mask[p + 2:p + 5] = 0
-        out.append(dict(ids=torch.randint(0, vocab, (p + n,), generator=g), mask=mask,
-                        eng=torch.zeros(p + n - 1), stats=dict(reward=float(r))))
+        out.append(retool.Rollout(ids=torch.randint(0, vocab, (p + n,), generator=g), mask=mask,
+                                  engine_logp=torch.zeros(p + n - 1), reward=float(r)))
     return out
 
 
@@ -104,8 +104,8 @@ def test_loss_is_a_global_token_mean_however_micro_batched(ckpt, tok):
         add_advantages(records, a)
         g = torch.Generator().manual_seed(1)
         for rec in records:  # a policy that moved since the rollouts: ratios off 1, some clipped
-            rec["old"] = rec["old"] + 0.3 * torch.randn(len(rec["old"]), generator=g)
-        n_tokens = sum(r["mask"].sum().item() for r in records)
+            rec.old_logp = rec.old_logp + 0.3 * torch.randn(len(rec.old_logp), generator=g)
+        n_tokens = sum(r.mask.sum().item() for r in records)
         policy.zero_grad(), critic.zero_grad()
         stats = minibatch_backward(records, policy, critic, a, torch.device("cpu"), n_tokens)
         runs.append((stats, grads(policy, critic)))
@@ -116,9 +116,9 @@ def test_loss_is_a_global_token_mean_however_micro_batched(ckpt, tok):
 
 
 def seq_logprob(policy, rec):
-    ids = rec["ids"][None]
+    ids = rec.ids[None]
     lp = torch.log_softmax(policy(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    return (lp * rec["mask"]).sum().item()
+    return (lp * rec.mask).sum().item()
 
 
 def test_ppo_step_moves_logprobs_with_the_reward(ckpt, tok):
@@ -147,8 +147,8 @@ def test_interpreter_positions_get_exactly_zero_gradient(ckpt, tok):
         seen.append(out)
     policy.norm.register_forward_hook(hook), critic.head.register_forward_hook(hook)
     minibatch_backward(records, policy, critic, a, torch.device("cpu"), 1.0)
-    (hidden, values), L = seen, max(len(r["ids"]) for r in records)
-    mask = torch.stack([torch.nn.functional.pad(r["mask"], (0, L - 1 - len(r["mask"]))) for r in records])
+    (hidden, values), L = seen, max(len(r.ids) for r in records)
+    mask = torch.stack([torch.nn.functional.pad(r.mask, (0, L - 1 - len(r.mask))) for r in records])
     for out in (hidden, values):
         g = out.grad[:, :-1].abs().sum(-1)  # (B, L-1)
         assert (g[mask == 0] == 0).all() and (g[mask == 1] > 0).all()
@@ -327,11 +327,11 @@ def test_engine_equal_to_trainer_leaves_the_loss_unchanged(ckpt, tok):
         records = fake_records([1, -1, 1, -1], len(tok))
         score(records, policy, None, None, a, torch.device("cpu"))
         for r in records:
-            r["eng"] = r["old"].clone()
-            r["tis"] = retool.tis_weights(r["old"], r["eng"], r["mask"], a.tis_cap)
+            r.engine_logp = r.old_logp.clone()
+            r.tis = retool.tis_weights(r.old_logp, r.engine_logp, r.mask, a.tis_cap)
         a.algo = "grpo"
         add_advantages(records, a)
-        n = sum(r["mask"].sum().item() for r in records)
+        n = sum(r.mask.sum().item() for r in records)
         losses.append(minibatch_backward(records, policy, None, a, torch.device("cpu"), n)["loss"])
     assert losses[0] == losses[1]
 
@@ -344,7 +344,7 @@ def test_rl_reward_ignores_a_boxed_answer_only_the_interpreter_printed(tok):
                              logprobs=[0.0] * (len(model) + len(tool)))
     traj.text = retool.decode(tok, traj.response_ids)
     assert retool.reward(traj.text, "7") == 1.0  # eval's view: the whole response
-    assert retool.to_record(traj, "7", tok)["stats"]["reward"] == -1.0
+    assert retool.to_record(traj, "7", tok).reward == -1.0
 
 
 def test_tool_cache_runs_identical_codes_once_with_the_same_results():
