@@ -1,10 +1,12 @@
-"""Data for retool: file readers, prompts, trace tokenization, and the built-in task + tokenizer.
+"""Data for retool: file readers, prompts, trace tokenization, the samples page, and the built-in
+task + tokenizer.
 
 The trace format is the ReTool one: the model writes `<code>\n```python\n...\n```\n</code>`, the
 engine appends `interpreter_block(feedback)` as token ids, the model goes on and ends with
 `\\boxed{answer}` and EOS. `tokenize_trace` rebuilds exactly that id stream for SFT.
 """
 import hashlib
+import html
 import json
 import logging
 import math
@@ -295,6 +297,66 @@ def tokenize_trace(tokenizer, messages, tools=True, template=None) -> tuple[list
         pos = match.end()
     add(tokenizer.encode(text[pos:], add_special_tokens=False) + [tokenizer.eos_token_id], 1)
     return ids, mask
+
+
+# ----------------------------------------------------------------------------- samples.html
+# What the model wrote, what ran, what came back. The caller decodes a trajectory into loss-mask
+# runs (retool.sample_view); this part needs only strings, so eval.py and retool.py share it.
+
+CODE_SPAN_RE = re.compile(r"(<code>.*?(?:</code>|$))", re.S)  # captured: re.split keeps the spans
+SAMPLES_CSS = """body { font-family: sans-serif; max-width: 62em; margin: 2em auto; color: #222; }
+.sample { border: 1px solid #ccc; border-radius: 6px; margin: 1.5em 0; padding: 0 1em; }
+h2 { font-size: 1em; } h2.right { color: #176b2c; } h2.wrong { color: #a61b1b; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.9em; line-height: 1.4; }
+.prompt { color: #777; border-bottom: 1px dashed #ccc; padding-bottom: 0.8em; }
+.model { color: #222; }
+.code { background: #e6efff; color: #0b3d91; font-weight: bold; }
+.interp { background: #fff1d6; color: #6b4400; font-style: italic; }"""
+SAMPLES_LEGEND = ('<p><span class="model">the model\'s text</span> &middot; <span class="code">the code it ran</span>'
+                  ' &middot; <span class="interp">the interpreter\'s output (injected, not trained on)</span></p>')
+
+
+@dataclass
+class Sample:
+    """One trajectory as a person reads it (samples.html, the terminal)."""
+    title: str  # which one, its reward or correctness, its finish reason
+    right: bool
+    prompt: str
+    spans: list  # [(kind, text)], kind "model", "code" or "interp"; the texts join to the response
+
+
+def response_spans(runs) -> list:
+    """[(sampled?, text)] runs of one loss-mask value -> [(kind, text)]: an injected run is "interp";
+    a sampled one is "model" text around "code" spans (<code>...</code>, tags included). A span never
+    crosses runs: the engine injects right after </code>."""
+    spans = []
+    for sampled, text in runs:
+        if not sampled:
+            spans.append(("interp", text))
+            continue
+        for i, part in enumerate(CODE_SPAN_RE.split(text)):  # odd parts are the code spans
+            if part:
+                spans.append(("code" if i % 2 else "model", part))
+    return spans
+
+
+def samples_html(samples, title) -> str:
+    """A static page of Samples: inline CSS, no script, nothing fetched; every text escaped."""
+    esc = html.escape
+    cards = [f'<div class="sample"><h2 class="{"right" if s.right else "wrong"}">{esc(s.title)}</h2>'
+             f'<pre class="prompt">{esc(s.prompt)}</pre><pre class="response">'
+             + "".join(f'<span class="{kind}">{esc(text)}</span>' for kind, text in s.spans) + "</pre></div>"
+             for s in samples]
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>\n'
+            f"<style>\n{SAMPLES_CSS}\n</style></head>\n<body><h1>{esc(title)}</h1>{SAMPLES_LEGEND}\n"
+            + "\n".join(cards) + "\n</body></html>\n")
+
+
+def sample_text(s: Sample) -> str:
+    """A Sample in plain text for the terminal: a header line, the prompt, the response (its code and
+    the interpreter's output stand between their own tags)."""
+    rule = "-" * 20
+    return f"{rule} {s.title} {rule}\n{s.prompt}{''.join(text for _, text in s.spans)}\n{rule}"
 
 
 # ----------------------------------------------------------------------------- built-in task

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint the way the ReTool paper does: k samples per problem at temperature 1.0,
 top-p 0.7, with the code interpreter in the loop (or without: --no-tools), graded on the last
 \\boxed{} answer. Reports avg@k (the paper's pass@1), unbiased pass@k, maj@k and the tool-use
-statistics of the paper's analysis; writes results.json, results.md and samples.jsonl.
+statistics of the paper's analysis; writes results.json, results.md, samples.jsonl and samples.html.
 
     python eval.py                                   # newest of out/rl, out/sft on the built-in test set
     python eval.py --model DIR --data AIME24.jsonl --k 32 --temperature 1.0 --top-p 0.7
@@ -22,6 +22,7 @@ from data import extract_answer, is_equiv  # re-exported: eval.py is where users
 
 DEFAULT_MODELS = ("out/rl", "out/sft")  # `python eval.py` takes the newest of these
 BUILTIN_TEST_SIZE = 200
+HTML_PROBLEMS = 200  # samples.html shows the first sample of this many problems (samples.jsonl has all)
 PAPER_K = 32  # the paper's protocol: 32 samples per problem at temperature 1.0, top-p 0.7
 # --plot: a panel per quantity, each logged name drawn under its own name (SFT's, then RL's)
 PLOT_PANELS = (("loss", ("loss", "heldout_loss")), ("reward", ("reward",)), ("accuracy", ("accuracy",)),
@@ -218,8 +219,22 @@ def out_names(dirs) -> list:
     return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def samples_page(tokenizer, trajs, res, problems, k, title) -> str:
+    """samples.html: the first sample of each of the first HTML_PROBLEMS problems, graded as results.json."""
+    from data import samples_html
+    from retool import sample_view
+
+    views = []
+    for p, problem in enumerate(problems[:HTML_PROBLEMS]):
+        t, right = trajs[p * k], res["correct"][p * k]
+        views.append(sample_view(tokenizer, t, f"problem {p + 1}, sample 1 of {k}: {'right' if right else 'wrong'}"
+                                 f" (answer {extract_answer(t.text)}, gold {problem.answer}), finish "
+                                 f"{t.finish_reason}, {len(t.tool_calls)} tool call(s)", right))
+    return samples_html(views, title)
+
+
 def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
-    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl to `out`
+    """Evaluate one checkpoint and write results.json / results.md / samples.jsonl / samples.html to `out`
     (out_paths' directory for this checkpoint)."""
     from retool import load_model
 
@@ -244,7 +259,9 @@ def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
          "finish_reason": t.finish_reason, "tool_calls": len(t.tool_calls), "text": t.text},
         ensure_ascii=False) + "\n" for i, (t, c) in enumerate(zip(trajs, res["correct"])))
     for name, text in (("results.json", json.dumps(results, indent=1, ensure_ascii=False)),
-                       ("results.md", markdown_table([(str(model_dir), results)])), ("samples.jsonl", samples)):
+                       ("results.md", markdown_table([(str(model_dir), results)])), ("samples.jsonl", samples),
+                       ("samples.html", samples_page(tokenizer, trajs, res, problems, args.k,
+                                                     f"{model_dir} on {data_name}"))):
         _write_atomic(out / name, lambda tmp: tmp.write_text(text.rstrip("\n") + "\n"))
     results["out"] = str(out)
     return results

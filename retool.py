@@ -37,8 +37,9 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (DataError, builtin_problems, builtin_sft_traces, builtin_tokenizer, interpreter_block, load_template,
-                  load_rl, load_sft, render_prompt, reward, tokenize_trace)
+from data import (DataError, Sample, builtin_problems, builtin_sft_traces, builtin_tokenizer, interpreter_block,
+                  load_template, load_rl, load_sft, render_prompt, response_spans, reward, sample_text, samples_html,
+                  tokenize_trace)
 from sandbox import Sandbox
 
 # -----------------------------------------------------------------------------------------------
@@ -1310,12 +1311,13 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
 
 
 def fresh_run(out_dir):
-    """A fresh run: a previous run's checkpoints, metrics and final model would mislead --resume,
-    plots and the next stage (an unfinished run must not look finished)."""
+    """A fresh run: a previous run's checkpoints, metrics, samples and final model would mislead
+    --resume, plots, a reader and the next stage (an unfinished run must not look finished)."""
     for stale in ("checkpoints", "tb"):
         shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    for stale in ("metrics.jsonl", "samples.html"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, stale))
     remove_model(out_dir)
 
 
@@ -1907,6 +1909,17 @@ def model_text(traj, tokenizer) -> str:
     return decode(tokenizer, [t for t, m in zip(traj.response_ids, traj.loss_mask) if m])
 
 
+def sample_view(tokenizer, traj, title, right) -> Sample:
+    """A trajectory for samples.html and the terminal: its response decoded run by run of one
+    loss-mask value (sampled / injected), then split into the model's text, code and interpreter output."""
+    runs, start, mask = [], 0, traj.loss_mask
+    for k in range(1, len(mask) + 1):
+        if k == len(mask) or mask[k] != mask[start]:
+            runs.append((bool(mask[start]), decode(tokenizer, traj.response_ids[start:k])))
+            start = k
+    return Sample(title, right, decode(tokenizer, traj.prompt_ids), response_spans(runs))
+
+
 def first_code_token(tokenizer, response_ids):
     """Token index of the first `<code>` in a response (binary search over decoded prefixes)."""
     return bisect.bisect_left(range(len(response_ids)), True,
@@ -2062,6 +2075,21 @@ def minibatch_backward(records, policy, critic, args, device, n_tokens, train_po
     return acc
 
 
+RL_SAMPLES_SHOWN = 32  # rollouts of rank 0 on samples.html: the first prompts' whole groups
+
+
+def show_samples(out_dir, records, tokenizer, step):
+    """samples.html in out_dir (written aside and renamed: never half a page) and one sample on the terminal."""
+    views = [sample_view(tokenizer, r.trajectory, f"step {step}, rollout {i + 1}: reward {r.reward:+g}, "
+                         f"finish {r.trajectory.finish_reason}, {r.tool_calls} tool call(s)", r.reward > 0)
+             for i, r in enumerate(records[:RL_SAMPLES_SHOWN])]
+    path = os.path.join(out_dir, "samples.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(samples_html(views, f"{out_dir}: rollouts of step {step}"))
+    os.replace(path + ".tmp", path)
+    tqdm.write(sample_text(views[0]), file=sys.stderr)
+
+
 def step_jobs(problems, args, step, rank, world):
     """This rank's (global index j, Problem) jobs of a step, in mini-batch order. Mini-batch k is
     the k-th contiguous block of the step's prompts and every rank takes its own slice of every
@@ -2150,7 +2178,7 @@ def rl_args(argv):
                   "built-in SFT model (out/sft) or --model. --data: DAPO-Math-17k-shaped prompts.")
     p.add_argument("--model", help="starting checkpoint, HF dir (default out/sft, the built-in SFT model)")
     p.add_argument("--data", help="RL prompts, .jsonl/.json/.parquet, DAPO-Math-17k or problem/answer rows")
-    p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/")
+    p.add_argument("--out", default="out/rl", help="final model, metrics.jsonl, checkpoints/, samples.html")
     p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo", help="PPO with a critic, or GRPO")
     p.add_argument("--no-std", action="store_true", help="GRPO without the division by the group's "
                    "population std (Dr. GRPO)")
@@ -2173,7 +2201,9 @@ def rl_args(argv):
             ("clip-high", 0.28, "ratio clip above 1"), ("dual-clip", 10.0, "loss cap for negative advantages"),
             ("value-clip", 0.5, "value clip around the old values"), ("grad-clip", 1.0, "gradient-norm clip"),
             ("kl-coef", 0.0, "k3 KL penalty against the frozen start model (0: none)"),
-            ("train-problems", 4000, "built-in RL prompts"), ("save-every", 10, "steps between checkpoints")):
+            ("train-problems", 4000, "built-in RL prompts"), ("save-every", 10, "steps between checkpoints"),
+            ("sample-every", 10, "steps between rollouts written to --out/samples.html, one of them also "
+             "printed (0: never)")):
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
     add_stage_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts' order and the rollouts")
@@ -2190,8 +2220,8 @@ def rl_args(argv):
     check_flags(a, {**dict.fromkeys(("steps", "prompts", "n", "max_new_tokens", "mini_batches", "micro_batch",
                                       "ppo_epochs", "lr", "critic_lr", "temperature", "grad_clip", "value_clip",
                                       "save_every", "train_problems"), POSITIVE),
-                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high", "tis_cap"),
-                                    NON_NEGATIVE),
+                    **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high", "tis_cap",
+                                     "sample_every"), NON_NEGATIVE),
                     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "dual_clip": (lambda v: v > 1, "above 1")}, flags={"n": "rollouts"})
     check_paths(a)
@@ -2230,6 +2260,14 @@ def save_rl_checkpoint(a, step, policy, opt, critic, copt, tok, run):
     save_checkpoint(a.out, step, policy, opt, tok, extra=extra, args=vars(a))
 
 
+def announce_rl(a, n_problems, world, device):
+    print(f"rl: {a.algo}{' text-only' if a.no_tools else ''} from {a.model}, {n_problems} prompts, "
+          f"{a.steps} steps of {a.prompts} x {a.n} rollouts, {world} rank(s) on {device}", file=sys.stderr)
+    if a.algo == "ppo" and a.steps <= a.critic_warmup:
+        print(f"rl: note: --steps {a.steps} <= --critic-warmup {a.critic_warmup}: only the critic trains, "
+              "the policy will not change", file=sys.stderr)
+
+
 def _rl_run(a):
     rank, world, device = setup_distributed()
     if a.prompts % (a.mini_batches * world):
@@ -2253,11 +2291,7 @@ def _rl_run(a):
     if rank == 0 and not a.resume:
         fresh_run(a.out)
     if rank == 0:
-        print(f"rl: {a.algo}{' text-only' if a.no_tools else ''} from {a.model}, {len(problems)} prompts, "
-              f"{a.steps} steps of {a.prompts} x {a.n} rollouts, {world} rank(s) on {device}", file=sys.stderr)
-        if a.algo == "ppo" and a.steps <= a.critic_warmup:
-            print(f"rl: note: --steps {a.steps} <= --critic-warmup {a.critic_warmup}: only the critic trains, "
-                  "the policy will not change", file=sys.stderr)
+        announce_rl(a, len(problems), world, device)
     log = MetricsLog(a.out, enabled=rank == 0, start=start)
     sandbox = contextlib.nullcontext() if a.no_tools else Sandbox()  # one for the whole run
     with sandbox as sb, tqdm(total=a.steps, initial=start, desc="rl", disable=rank != 0, dynamic_ncols=True) as bar:
@@ -2284,6 +2318,8 @@ def _rl_run(a):
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "code_ratio",
                                                              "response_len") if k in metrics})
             bar.update()
+            if rank == 0 and a.sample_every and (step + 1) % a.sample_every == 0:
+                show_samples(a.out, records, tok, step + 1)
             if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
                 save_rl_checkpoint(a, step + 1, policy, opt, critic, copt, tok, run)
     log.close()

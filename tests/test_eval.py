@@ -144,11 +144,44 @@ def test_end_to_end_cli_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
     assert m["calls_per_response"] == pytest.approx(sum(s["tool_calls"] for s in samples) / 6)
     assert 0 < m["response_length"] <= 24 + 8 * 200
     assert (out / "results.md").read_text().startswith("| model")
+    page = (out / "samples.html").read_text()  # the first sample of each problem, graded as results.json
+    for p, problem in enumerate(r["per_problem"]):
+        verdict = "right" if problem["correct"][0] else "wrong"
+        assert f'<h2 class="{verdict}">problem {p + 1}, sample 1 of 2: {verdict}' in page
+    assert page.count('<div class="sample">') == 3 and page.count('<pre class="response">') == 3
+    assert "&lt;|im_start|&gt;user" in page and "<|im_start|>" not in page  # the prompt, escaped
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
     # the same seed gives the same samples
     rc = ev.main(["--model", str(tiny_checkpoint), "--limit", "3", "--k", "2", "--max-new-tokens", "24",
                   "--out", str(tmp_path / "again"), "--seed", "1", "--no-tools"])
     assert rc == 0 and json.loads((tmp_path / "again/results.json").read_text())["tools"] is False
+
+
+def test_samples_html_splits_spans_by_loss_mask_and_escapes_everything():
+    """The model's text, its code and the injected interpreter output each get their own class; a
+    snippet printing <script> stays text, in the code and in the output."""
+    from data import sample_text, samples_html
+    from retool import sample_view
+
+    tok = builtin_tokenizer()
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    said = enc("Compute a & b.\n<code>\n```python\nprint('<script>alert(1)</script>', 1 & 3)\n```\n</code>")
+    ran = enc("\n<interpreter>\n<script>alert(1)</script> 1\n</interpreter>\n")
+    end = enc("So \\boxed{1}<|im_end|>")
+    t = Trajectory(prompt_ids=enc("<|im_start|>user\nWhat is 1 & 3?<|im_end|>\n"), response_ids=said + ran + end,
+                   loss_mask=[1] * len(said) + [0] * len(ran) + [1] * len(end), finish_reason="eos")
+    view = sample_view(tok, t, "problem 1: right, finish eos", True)
+    assert [kind for kind, _ in view.spans] == ["model", "code", "interp", "model"]
+    page = samples_html([view], "a & b")
+    assert '<span class="model">Compute a &amp; b.\n</span><span class="code">&lt;code&gt;\n' in page
+    assert "print(&#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27;, 1 &amp; 3)" in page
+    assert '<span class="interp">\n&lt;interpreter&gt;\n&lt;script&gt;alert(1)&lt;/script&gt; 1\n' in page
+    assert '<span class="model">So \\boxed{1}&lt;|im_end|&gt;</span>' in page
+    assert "<script" not in page and "What is 1 &amp; 3?" in page and "<title>a &amp; b</title>" in page
+    assert "http" not in page and "src=" not in page  # nothing fetched
+    text = sample_text(view)  # the terminal's: the response as the model saw it, tags and all
+    assert "problem 1: right, finish eos" in text.splitlines()[0]
+    assert "<script>alert(1)</script> 1\n</interpreter>" in text and text.count("So \\boxed{1}") == 1
 
 
 def test_compare_and_default_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, capsys):

@@ -195,6 +195,7 @@ def test_rl_main_end_to_end_and_bit_identical_resume(ckpt, tmp_path):
     assert {"reward", "accuracy", "code_ratio", "clip_frac", "approx_kl", "entropy", "value_loss",
             "explained_var", "grad_norm", "time_gen", "time_sandbox", "time_train", "logprob_diff"} <= set(m[1])
     assert (whole / "model.safetensors").is_file() and (whole / "config.json").is_file()
+    assert not (whole / "samples.html").exists()  # --sample-every 10 by default: no page before step 10
     assert rl_main(["--model", ckpt, "--out", str(split), "--steps", "1", *small()]) == 0
     assert rl_main(["--model", ckpt, "--out", str(split), "--steps", "2", "--resume", *small()]) == 0
     a, b = load_file(whole / "model.safetensors"), load_file(split / "model.safetensors")
@@ -213,6 +214,20 @@ def test_grpo_text_only_step(ckpt, tmp_path):
     (m,) = metrics(tmp_path)
     assert "loss" in m and "value_loss" not in m and "explained_var" not in m
     assert m["code_ratio"] == 0 and m["time_sandbox"] == 0 and all(math.isfinite(v) for v in m.values())
+
+
+def test_sample_every_writes_the_page_and_prints_one_sample(ckpt, tmp_path, capsys):
+    assert rl_main(["--model", ckpt, "--out", str(tmp_path), "--steps", "2", "--sample-every", "1", *small()]) == 0
+    err = capsys.readouterr().err
+    page = (tmp_path / "samples.html").read_text()  # step 2's, written over step 1's
+    assert f"<title>{tmp_path}: rollouts of step 2</title>" in page and page.count('<div class="sample">') == 4
+    titles = [line.strip("- ") for line in err.splitlines() if ", rollout 1: reward " in line]
+    assert [t.split(",")[0] for t in titles] == ["step 1", "step 2"]  # one sample per step, on the terminal
+    assert all(" finish " in t and "tool call(s)" in t for t in titles)
+    assert f">{titles[1]}</h2>" in page  # the page's first rollout is the one printed
+    assert "<|im_start|>assistant" in err  # the prompt, as the model saw it
+    assert all(f"step 2, rollout {i}: reward " in page for i in (1, 2, 3, 4))
+    assert '<pre class="response"><span class="' in page and not list(tmp_path.glob("*.tmp"))
 
 
 def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
@@ -242,6 +257,7 @@ def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
     (["--top-p", "0"], "--top-p"), (["--temperature", "-1"], "--temperature"), (["--save-every", "0"], "--save-every"),
     (["--train-problems", "0"], "--train-problems"), (["--kl-coef", "-1"], "--kl-coef"),
     (["--clip-low", "2"], "--clip-low"), (["--lr", "inf"], "--lr"), (["--out", __file__], "--out"),
+    (["--sample-every", "-1"], "--sample-every must be >= 0"),
     (["--resume"], "--resume")])
 def test_user_mistakes_exit_2_with_one_line(ckpt, argv, needle, capsys, tmp_path):
     assert rl_main(["--model", ckpt, "--out", str(tmp_path / "out"), *argv]) == 2
