@@ -24,9 +24,12 @@ TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num
         "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": True}
 
 
+LR = 1e-3  # the small runs' policy and critic lr
+
+
 def small(prompts=2, mini_batches=1):
     return ["--prompts", str(prompts), "--rollouts", "2", "--mini-batches", str(mini_batches), "--micro-batch",
-            "4", "--max-new-tokens", "24", "--critic-warmup", "1", "--lr", "1e-3", "--critic-lr", "1e-3"]
+            "4", "--max-new-tokens", "24", "--critic-warmup", "1", "--lr", str(LR), "--critic-lr", str(LR)]
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +249,13 @@ def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
             if not k.startswith("time_"):
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    # whitening's global mean and variance sum in another order on 2 ranks (last-bit differences),
-    # which Adam's first step (about lr * sign(g)) lifts to ~2e-5 on near-zero gradients
-    assert all(torch.allclose(a[k], b[k], atol=5e-5) for k in a)
+    # whitening's global mean and variance sum in another order on 2 ranks (last-bit differences).
+    # Adam's first step moves an element by lr * g / (|g| + eps): where |g| is near eps, a last-bit
+    # change of g moves it by up to lr, and how many such elements there are depends on the CPU's
+    # BLAS (6e-5 seen on one CPU, 2e-5 on another). Bound what the code guarantees: no element moves
+    # more than one step apart, and the weights agree on average.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() <= 2 * LR and diff.mean() <= 1e-7
 
 
 @pytest.mark.parametrize("argv, needle", [
