@@ -122,10 +122,12 @@ def markdown_table(rows: list) -> str:
 # evaluation
 
 def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.7, tools=True,
-             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True, template=None, name="eval"):
+             max_new_tokens=1024, max_tool_calls=8, seed=0, max_batch=64, progress=True, template=None, name="eval",
+             kv_budget=None):
     """Sample k responses per problem (one sandbox shared by all of them) and grade them; the progress
     bar, labelled `name`, moves as each sample finishes. template: a --prompt-template
-    (data.load_template), with the official interpreter format. -> (compute_metrics(...) dict, trajectories)."""
+    (data.load_template), with the official interpreter format. kv_budget: the engine's KV cache bytes
+    (retool.generate). -> (compute_metrics(...) dict, trajectories)."""
     from tqdm import tqdm
 
     from data import render_prompt
@@ -139,7 +141,7 @@ def evaluate(model, tokenizer, problems: list, *, k=1, temperature=1.0, top_p=0.
         trajectories = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seeds, tool=sb.run_many if sb else None,
                                 max_tool_calls=max_tool_calls, max_batch=max_batch, official=template is not None,
-                                on_finish=lambda i: bar.update())
+                                kv_budget=kv_budget, on_finish=lambda i: bar.update())
     return compute_metrics(trajectories, [p.answer for p in problems]), trajectories
 
 
@@ -236,6 +238,7 @@ def samples_page(tokenizer, trajs, res, problems, k, title) -> str:
 def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
     """Evaluate one checkpoint and write results.json / results.md / samples.jsonl / samples.html to `out`
     (out_paths' directory for this checkpoint)."""
+    from retool import kv_budget_bytes
     from retool import load_model
 
     model, tokenizer = load_model(model_dir)
@@ -243,7 +246,8 @@ def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
     res, trajs = evaluate(model, tokenizer, problems, k=args.k, temperature=args.temperature,
                           top_p=args.top_p, tools=not args.no_tools, max_new_tokens=args.max_new_tokens,
                           max_tool_calls=args.max_tool_calls, seed=args.seed, max_batch=args.batch,
-                          template=args.template, name=out_names([model_dir])[0])
+                          template=args.template, name=out_names([model_dir])[0],
+                          kv_budget=kv_budget_bytes(args.kv_budget))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # checked before, but the disk can still change during a long evaluation
@@ -322,6 +326,7 @@ def plot(path: Path) -> Path:
 # CLI
 
 def parse_args(argv):
+    from retool import KV_BUDGET_HELP
     from retool import CliParser
 
     p = CliParser(prog="eval.py", description=__doc__.split("\n\n")[0])
@@ -337,6 +342,7 @@ def parse_args(argv):
     p.add_argument("--max-tool-calls", type=int, default=8, help="interpreter calls per response")
     p.add_argument("--limit", type=int, help="evaluate only the first N problems")
     p.add_argument("--batch", type=int, default=64, help="rows decoded at once")
+    p.add_argument("--kv-budget", type=float, metavar="GIB", help=KV_BUDGET_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
     p.add_argument("--prompt-template", metavar="FILE[:KEY]", help="user turn: this {query} template on the bare "
                    "problem (.txt, or .json like the official prompt_template.json), official interpreter format")
@@ -351,6 +357,8 @@ def parse_args(argv):
     for flag in ("k", "max_new_tokens", "batch", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.kv_budget is not None and not 0 < args.kv_budget < math.inf:
+        p.error(f"--kv-budget must be positive, got {args.kv_budget}")
     if args.max_tool_calls < 0 or not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:
         p.error("need --max-tool-calls >= 0, --temperature >= 0 and 0 < --top-p <= 1")
     # an empty path would quietly mean the default (for --plot: a whole evaluation instead of a plot)
@@ -382,6 +390,7 @@ def check_outputs(args, models, data_name):
 def main(argv=None):
     from data import DataError
     from data import load_template
+    from retool import KVBudgetError
     from retool import ModelError, UsageError, check_model_dir
 
     try:
@@ -403,7 +412,7 @@ def main(argv=None):
         print(table)
         if compare_md:
             _write_atomic(compare_md, lambda tmp: tmp.write_text(table + "\n"))
-    except (EvalError, DataError, ModelError, UsageError) as e:
+    except (EvalError, DataError, ModelError, UsageError, KVBudgetError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     for _, r in rows:

@@ -661,6 +661,10 @@ class KVCache:
         return out.transpose(1, 2)
 
 
+class KVBudgetError(ValueError):
+    """The KV budget holds no row of the longest length a rollout may reach."""
+
+
 def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, device, dtype) -> KVCache:
     """The pool: blocks for `rows` rows of max_len positions, or fewer where kv_budget bytes (default
     on CUDA: the card's free memory less MEMORY_MARGIN of it; on CPU: no cap) hold fewer; then the
@@ -677,7 +681,7 @@ def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, dev
         n_blocks = min(n_blocks, int(kv_budget // kv_bytes(config, block_size, dtype.itemsize)))
     if n_blocks < per_row:
         have = max(0, n_blocks) * block_size
-        raise ValueError(f"the KV budget ({(kv_budget or 0) / 2**30:.2f} GiB) holds {have} positions of this "
+        raise KVBudgetError(f"the KV budget ({(kv_budget or 0) / 2**30:.2f} GiB) holds {have} positions of this "
                          f"model; one row needs {max_len} (max_total_len): raise --kv-budget or lower --max-new-tokens")
     return KVCache(config, n_blocks, block_size, device, dtype)
 
@@ -1414,8 +1418,14 @@ class CliParser(argparse.ArgumentParser):
 
 POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), \
     (lambda v: 0 <= v <= 1, "in [0, 1]")
+KV_BUDGET_HELP = ("KV cache for generation per GPU, in GiB (default: room for every row on CPU, the free "
+                  "memory less 10%% on CUDA); rows past it wait and are resumed, with the same tokens")
 ARGS_FILE = "args.json"  # a checkpoint's run flags, which --resume takes back
 NOT_RESUMED = ("out", "resume", "stop_after")  # where the run is, and how far this invocation goes
+
+
+def kv_budget_bytes(gib):
+    return None if gib is None else gib * GIB
 
 
 def check_flags(a, rules, flags=None):
@@ -1642,7 +1652,7 @@ def run_stage(stage, run, parse, argv):
             if global_rank() == 0:
                 print(interrupted(stage, a.out), file=sys.stderr)
             return 130
-    except (UsageError, DataError, ModelError) as e:
+    except (UsageError, DataError, ModelError, KVBudgetError) as e:
         print(f"retool.py: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -1982,7 +1992,7 @@ def rollout(policy, tokenizer, jobs, args, tool, step, counts=None):
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, tool=None if args.no_tools else tool,
                      max_tool_calls=args.max_tool_calls, seed=[s % 2**63 for s in seeds],
-                     official=args.template is not None)
+                     official=args.template is not None, kv_budget=kv_budget_bytes(args.kv_budget))
     golds = [p.answer for _, p in jobs for _ in range(args.n)]
     return [to_record(t, g, tokenizer) for t, g in zip(trajs, golds)]
 
@@ -2188,6 +2198,7 @@ def rl_args(argv):
     p.add_argument("--tis-cap", type=float, help="truncated importance sampling: weight each sampled token "
                    "by min(exp(trainer - engine log-prob), cap); 0: off (default: 2.0 on CUDA, 0 on CPU)")
     p.add_argument("--no-tools", action="store_true", help="text-only baseline: text prompt, no interpreter")
+    p.add_argument("--kv-budget", type=float, metavar="GIB", help=KV_BUDGET_HELP)
     for flag, kind, dest in (("steps", int, "steps"), ("prompts", int, "prompts"), ("rollouts", int, "n"),
                              ("max-new-tokens", int, "max_new_tokens"), ("lr", float, "lr"),
                              ("critic-lr", float, "critic_lr"), ("critic-warmup", int, "critic_warmup"),
@@ -2221,7 +2232,7 @@ def rl_args(argv):
                                       "ppo_epochs", "lr", "critic_lr", "temperature", "grad_clip", "value_clip",
                                       "save_every", "train_problems"), POSITIVE),
                     **dict.fromkeys(("critic_warmup", "max_tool_calls", "kl_coef", "clip_high", "tis_cap",
-                                     "sample_every"), NON_NEGATIVE),
+                                     "sample_every"), NON_NEGATIVE), "kv_budget": POSITIVE,
                     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "dual_clip": (lambda v: v > 1, "above 1")}, flags={"n": "rollouts"})
     check_paths(a)

@@ -264,12 +264,20 @@ def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
     (["--top-p", "0"], "--top-p"), (["--temperature", "-1"], "--temperature"), (["--save-every", "0"], "--save-every"),
     (["--train-problems", "0"], "--train-problems"), (["--kl-coef", "-1"], "--kl-coef"),
     (["--clip-low", "2"], "--clip-low"), (["--lr", "inf"], "--lr"), (["--out", __file__], "--out"),
-    (["--sample-every", "-1"], "--sample-every must be >= 0"),
+    (["--sample-every", "-1"], "--sample-every must be >= 0"), (["--kv-budget", "0"], "--kv-budget must be positive"),
     (["--resume"], "--resume")])
 def test_user_mistakes_exit_2_with_one_line(ckpt, argv, needle, capsys, tmp_path):
     assert rl_main(["--model", ckpt, "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_a_kv_budget_without_room_for_one_rollout_ends_with_one_line(ckpt, capsys, tmp_path):
+    assert rl_main(["--model", ckpt, "--out", str(tmp_path / "out"), "--kv-budget", "1e-9", "--steps", "1",
+                    *small()]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("retool.py: error: the KV budget (0.00 GiB) holds 0 positions")
+    assert "Traceback" not in err
 
 
 def test_missing_sft_checkpoint_says_run_sft_first(tmp_path, monkeypatch, capsys):
