@@ -237,7 +237,8 @@ def test_two_gloo_ranks_match_one_process(ckpt, tmp_path):
     script = tmp_path / "rl_entry.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
                       "from retool import rl_main\nsys.exit(rl_main(sys.argv[1:]))\n")
-    args = ["--model", ckpt, "--steps", "2", *small(prompts=4, mini_batches=2)]
+    # 2 rows per mini-batch per rank in micro-batches of 1: gradients sync once per mini-batch, not per micro-batch
+    args = ["--model", ckpt, "--steps", "2", *small(prompts=4, mini_batches=2), "--micro-batch", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                           "2", str(script), *args, "--out", str(tmp_path / "two")], env=env,
