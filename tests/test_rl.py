@@ -273,6 +273,37 @@ def test_user_mistakes_exit_2_with_one_line(ckpt, argv, needle, capsys, tmp_path
     assert needle in err and len(err.splitlines()) == 1
 
 
+def test_a_kv_budget_for_one_and_a_half_rollouts_changes_no_step(ckpt, tmp_path, monkeypatch):
+    """The paged engine under a budget preempts rows and shares prompt blocks: the same rollouts,
+    so the same step metrics as a run with room for every row."""
+    config = retool.ModelConfig.from_hf(json.loads((Path(ckpt) / "config.json").read_text()))
+    args = ["--model", ckpt, "--steps", "2", *small()]
+    longest = []
+    make_cache = retool.make_cache
+
+    def recording(config, **kw):
+        longest.append(kw["max_len"])
+        return make_cache(config, **kw)
+
+    monkeypatch.setattr(retool, "make_cache", recording)
+    assert rl_main([*args, "--out", str(tmp_path / "all")]) == 0
+    preempted = []
+    preempt = retool.Engine.preempt
+
+    def counting(self, i):
+        preempted.append(i)
+        preempt(self, i)
+
+    monkeypatch.setattr(retool.Engine, "preempt", counting)
+    budget = retool.kv_bytes(config, max(longest) * 3 // 2, 4) / retool.GIB  # fp32 keys and values of 1.5 rows
+    assert rl_main([*args, "--out", str(tmp_path / "budget"), "--kv-budget", str(budget)]) == 0
+    assert preempted
+    for r1, r2 in zip(metrics(tmp_path / "all"), metrics(tmp_path / "budget"), strict=True):
+        for k in r1:
+            if not k.startswith("time_"):
+                assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
+
+
 def test_a_kv_budget_without_room_for_one_rollout_ends_with_one_line(ckpt, capsys, tmp_path):
     assert rl_main(["--model", ckpt, "--out", str(tmp_path / "out"), "--kv-budget", "1e-9", "--steps", "1",
                     *small()]) == 2
