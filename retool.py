@@ -684,6 +684,7 @@ def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, dev
     per_row = -(-max_len // block_size)
     if kv_budget is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's idle cache
         kv_budget = free - MEMORY_MARGIN * total
     n_blocks = rows * per_row
     if kv_budget is not None:
