@@ -1578,8 +1578,9 @@ class MemoryPlan:  # bytes per GPU
     def kv_pool(self):  # during generation gradients are freed; masters and AdamW moments stay
         return self.usable - self.master - self.optimizer - self.gathered
 
-    def rollouts(self, length):
-        return max(0, int(self.kv_pool // (self.kv_token * length)))
+    def rollouts(self, length):  # the engine's arithmetic on CUDA: whole blocks of FLASH_KV_BLOCK positions
+        blocks = self.kv_pool // (self.kv_token * FLASH_KV_BLOCK)
+        return max(0, int(blocks // -(-length // FLASH_KV_BLOCK)))
 
 
 def memory_plan(config: ModelConfig, *, gpus, gpu_gb, tokens, checkpointing, critic=False, rollout_len=0):
