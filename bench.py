@@ -2,6 +2,8 @@
 
 - engine decode tokens/s against transformers' `generate` on the same weights, batch 1 and 32, and
   the step's matmuls and attention alone (the floor any engine pays);
+- the paged KV cache: blocks of 16 against one block per row, and a budget for half the rows
+  (preempted and re-prefilled) against room for all;
 - tool-interrupted generation against plain generation of the same total length;
 - the sandbox against a fresh interpreter per snippet;
 - the grader (the RL reward) in grades/s on a mix of RL-style answers;
@@ -81,6 +83,22 @@ def bench_decode(model, tokenizer, hf, batch, new_tokens):
     ours_tok = sum(len(t.response_ids) for t in trajs)
     hf_tok = int(sum(((row[width:] != tokenizer.pad_token_id).sum()) for row in out))
     return ours_tok / ours_s, hf_tok / hf_s, decode_floor(model, batch, width + new_tokens // 2)
+
+
+def bench_paged(model, tokenizer, batch=32, new_tokens=128):
+    """The same greedy rows three ways: one block per row (the CPU default), blocks of KV_BLOCK with
+    room for every row, and blocks of KV_BLOCK with a budget for half the rows."""
+    problems = data.builtin_problems("test", batch, seed=1)
+    prompts = [data.render_prompt(tokenizer, p.problem) for p in problems]
+    longest = max(map(len, prompts)) + new_tokens
+    half = retool.kv_bytes(model.config, longest * batch // 2, next(model.parameters()).element_size())
+    runs = {}
+    for name, kw in (("contiguous", {}), ("paged", {"block_size": retool.KV_BLOCK}),
+                     ("half", {"block_size": retool.KV_BLOCK, "kv_budget": half})):
+        runs[name] = timed(lambda: retool.generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                                   temperature=0, max_batch=batch, **kw))
+    same = all(a.response_ids == b.response_ids for a, b in zip(runs["contiguous"][1], runs["half"][1]))
+    return runs["paged"][0] / runs["contiguous"][0], runs["half"][0] / runs["paged"][0], same
 
 
 def bench_interruptions(tokenizer, calls=4, batch=32):
@@ -211,6 +229,11 @@ def main():
         rows.append((f"decode ms/step, batch {batch}: engine / transformers / matmuls+attention alone",
                      f"{step * 1e3:.2f} / {hf_step * 1e3:.2f} / {floor * 1e3:.2f} (the most any engine could "
                      f"gain: {hf_step / floor:.1f}x)", ""))
+    paged, half, same = bench_paged(model, tokenizer)
+    rows.append((f"paged KV cache, batch 32: blocks of {retool.KV_BLOCK} / one block per row", f"{paged:.2f}x time",
+                 "(the CPU default is one block per row)"))
+    rows.append(("KV budget for half the rows / room for all (blocks of 16)",
+                 f"{half:.2f}x time, {'the same' if same else 'OTHER'} tokens", "same tokens"))
     ratio, n_plain, n_tool = bench_interruptions(tokenizer)
     rows.append((f"4 tool calls / plain, {n_tool} tokens x 32 rows", f"{ratio:.2f}x time ({ratio - 1:+.0%})",
                  "<= +20%"))

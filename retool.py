@@ -892,8 +892,9 @@ class Engine:
                 deferred.append(i)
                 continue
             t = row.traj
-            if len(self.cache.free) < self.cache.blocks_for(len(t.prompt_ids) + len(t.response_ids)) - len(shared):
-                self.waiting.appendleft(i)
+            need = self.cache.blocks_for(len(t.prompt_ids) + len(t.response_ids)) - len(shared)
+            if len(self.cache.free) - need < len(self.active):  # keep a next block for every admitted row,
+                self.waiting.appendleft(i)  # or admitting would preempt them, and them it (thrashing)
                 break
             self.cache.share(shared)
             row.blocks, row.cached, row.state = list(shared), len(shared) * self.cache.block_size, FEEDING
