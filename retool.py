@@ -845,7 +845,6 @@ class Engine:
         self.prefixes = {}  # a prompt prefix -> its shared blocks; None while its first row prefills it
         self.block_prefix = {}  # a shared block -> its prefix, to forget the prefix when the block is freed
         self.running = {}  # future -> the row indices whose code it runs
-        self.preemptions = 0
         self.pool = ThreadPoolExecutor(max_workers=4) if tool else None
 
     def run(self):
@@ -918,7 +917,6 @@ class Engine:
         """Row i gives its blocks back and is re-prefilled later; a row whose code is still running
         stays TOOL and is queued when its output comes back."""
         self.evict(i)
-        self.preemptions += 1
         if self.rows[i].state == FEEDING:
             self.rows[i].state = WAITING
             self.waiting.appendleft(i)
