@@ -813,6 +813,9 @@ class RowState:
         t = self.traj
         return t.prompt_ids[self.cached:] + t.response_ids[max(0, self.cached - len(t.prompt_ids)):]
 
+    def length(self) -> int:  # its ids, cached or not
+        return len(self.traj.prompt_ids) + len(self.traj.response_ids)
+
 
 @dataclass
 class Limits:
@@ -857,8 +860,8 @@ class Engine:
             ready = self.reserve([i for i in self.active if self.rows[i].state == FEEDING])
             # 4-5. chunks (prompts, interpreter output) and single-token decodes go in separate forwards
             # so that one long prompt does not pad every decoding row to its length
-            chunks = [i for i in ready if len(self.rows[i].unfed()) > 1]
-            decodes = [i for i in ready if len(self.rows[i].unfed()) == 1]
+            chunks = [i for i in ready if self.rows[i].length() - self.rows[i].cached > 1]
+            decodes = [i for i in ready if self.rows[i].length() - self.rows[i].cached == 1]
             for group in (chunks, decodes):
                 if group:
                     self.forward(group)
@@ -890,8 +893,7 @@ class Engine:
             if shared is None:
                 deferred.append(i)
                 continue
-            t = row.traj
-            need = self.cache.blocks_for(len(t.prompt_ids) + len(t.response_ids)) - len(shared)
+            need = self.cache.blocks_for(row.length()) - len(shared)
             if len(self.cache.free) - need < len(self.active):  # keep a next block for every admitted row,
                 self.waiting.appendleft(i)  # or admitting would preempt them, and them it (thrashing)
                 break
@@ -906,7 +908,7 @@ class Engine:
         """Give each ready row, oldest first, the blocks its next forward writes -> the rows still ready."""
         for i in ready:
             row = self.rows[i]
-            need = self.cache.blocks_for(row.cached + len(row.unfed())) - len(row.blocks)
+            need = self.cache.blocks_for(row.length()) - len(row.blocks)
             while len(self.cache.free) < need and i in self.active:
                 self.preempt(self.active[-1])
             if i in self.active:
