@@ -72,6 +72,7 @@ BLAS_THREADS = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NU
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "USER": "sandbox", "LANG": "C.UTF-8", **BLAS_THREADS}
 ISOLATION = ("user_namespace", "ipc_namespace", "mount_namespace", "net_namespace", "pid_namespace", "private_proc",
              "uid_drop", "no_new_privs", "seccomp", "memory_cgroup", "parent_death_signal", "rlimits")
+CHAN_FD, MAX_FD = 5, 1 << 16  # where a waiting snippet process holds its socket; above all our fds
 UID_BASE = 1 << 20  # + the worker's pid: a uid per worker, so no NPROC count or signal crosses workers
 NPROC, NOFILE = 128, 256  # processes+threads per snippet; open files per process
 MARK = "\n[... output truncated ...]\n"
@@ -201,12 +202,19 @@ class Sandbox(_Closing):
 
     def _call(self, worker, fn):
         try:
-            return fn()
+            try:
+                return fn()
+            except _Retired:  # nothing of this snippet ran yet
+                self._replace(worker)
+                return fn()
         except Exception as e:  # noqa: BLE001 - the machinery failed, not the snippet
-            worker.sock.close()  # retired: a hung worker sees EOF and exits, and its child with it
             with contextlib.suppress(Exception):  # else retried on the next call
-                self._new_worker(worker)  # in place: the idle queue or the session keeps a live one
+                self._replace(worker)
             return _internal(repr(e))
+
+    def _replace(self, worker):
+        worker.sock.close()  # retired: a hung worker sees EOF and exits, and its child with it
+        self._new_worker(worker)  # in place: the idle queue or the session keeps a live one
 
 
 _ADVICE = {
@@ -226,63 +234,93 @@ class _Worker:
 
 # ----------------------------------------------------------------------------- supervisor side of a snippet
 def _run(worker, code, cfg):
-    """One snippet on `worker`: hand it the pipes, feed the code, watch until the end or a limit."""
+    """One snippet on `worker`: hand its waiting process the pipes, feed the code, watch until the end
+    or a limit."""
     t0, pipes = time.monotonic(), [os.pipe() for _ in range(4)]  # stdout, stderr, code, ready
     (out_r, out_w), (err_r, err_w), (code_r, code_w), (ready_r, ready_w) = pipes
-    run = _Running(worker.sock, cfg.memory_mb)
+    run, data = _Running(worker.sock, cfg.memory_mb), code.encode(errors="replace")
     try:
-        worker.sock.sendmsg([b"run"], [_rights(out_w, err_w, code_r, ready_w)])
+        os.set_blocking(code_w, False)  # what fits in the pipe goes now: the child reads it at once
+        with contextlib.suppress(BlockingIOError):
+            data = data[os.write(code_w, data):]
+        if not data:  # all of it: the child finds the code and its end without waiting for us
+            os.close(code_w)
+            code_w = None
+        run.wait_for(b"next", t0 + REAP_GRACE_S)  # (sent by the worker long before, as a rule)
+        run.hand(b"run", out_w, err_w, code_r, ready_w)
         _close(out_w, err_w, code_r, ready_w)
-        run.wait_for(b"pid", t0 + REAP_GRACE_S)
-        with contextlib.suppress(BrokenPipeError):  # a child that failed to set up reads nothing
-            with open(code_w, "wb", closefd=False) as f:
-                f.write(code.encode(errors="replace"))
-        os.close(code_w)
-        code_w = None
+        if code_w is not None:
+            os.set_blocking(code_w, True)
+            with contextlib.suppress(BrokenPipeError):  # a child that failed to set up reads nothing
+                with open(code_w, "wb", closefd=False) as f:
+                    f.write(data)
+            os.close(code_w)
+            code_w = None
         bufs = {out_r: bytearray(), err_r: bytearray(), ready_r: bytearray()}
         why = _watch(bufs, [run.pidfd], t0 + cfg.timeout, cfg.max_bytes, run.over_memory)
         if why:
             signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # init of its PID ns: its whole tree goes
         run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
     finally:
-        if run.pidfd is not None and run.exit_code is None:  # the machinery failed midway: the snippet goes
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
-        _close(out_r, err_r, ready_r, code_w, run.pidfd, run.oom_fd)
+        run.close()
+        _close(out_r, err_r, ready_r, code_w)
     if bufs[ready_r] != b"r":
         raise RuntimeError(bufs[ready_r].decode(errors="replace").strip() or "the snippet's set-up failed")
     return _finish(why, run.exit_code, run.oom or why == "memory", bufs[out_r], bufs[err_r], time.monotonic() - t0, run.cpu_s, cfg)
 
 
+class _Retired(Exception):
+    """The worker retired itself between snippets (before it took this one): replace it and retry."""
+
+
 class _Running:
-    """The worker's messages about one child: "pid" + pidfd (+ its cgroup's OOM events file), then
-    "exit" + wait status, rusage, OOM flag."""
-    pidfd = oom_fd = exit_code = cpu_s = oom = over_memory = None
+    """The worker's messages about one child: "next" + pidfd + a socket to the child (+ its cgroup's
+    OOM events file), then "exit" + wait status, rusage, OOM flag; or "retired" instead of "next"."""
+    pidfd = chan = oom_fd = exit_code = cpu_s = oom = over_memory = None
 
     def __init__(self, sock, memory_mb=None):
         self.sock, self.memory_mb = sock, memory_mb
+
+    def hand(self, word, *fds):
+        """To the waiting child: "run" (a snippet) or "hold" (a session) and its fds 1-4."""
+        self.chan.sendmsg([word], [_rights(*fds)])
+        self.chan.close()
+
+    def close(self):
+        if self.pidfd is not None and self.exit_code is None:  # the machinery failed midway: the child goes
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        if self.chan is not None:
+            self.chan.close()
+        _close(self.pidfd, self.oom_fd)
+        self.pidfd = self.oom_fd = None
 
     def wait_for(self, word, deadline):
         while True:
             if not select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))[0]:
                 raise TimeoutError(f"no {word.decode()!r} from the sandbox worker")
-            msg, anc, _, _ = self.sock.recvmsg(64, socket.CMSG_SPACE(8) + socket.CMSG_SPACE(12))
-            if not msg:
-                raise EOFError("the sandbox worker died")
+            msg, anc, _, _ = self.sock.recvmsg(64, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(12))
             fds = _fds(anc)
-            if msg == b"pid" and fds:
-                self.pidfd = fds[0]
-                if len(fds) > 1:  # one OOM kill in the cgroup ends the whole snippet, not just that process
-                    self.oom_fd, before = fds[1], _oom_count(fds[1])
-                    self.over_memory = lambda: _oom_count(self.oom_fd) > before
-                elif self.memory_mb:
-                    self.over_memory = _memory_watchdog(self.pidfd, self.memory_mb << 20)
+            if msg == b"next" and len(fds) >= 2:
+                self._next(*fds)
             elif msg.startswith(b"exit"):
                 status, user_s, user_us, sys_s, sys_us, self.oom = struct.unpack("=i4qi", msg[4:])
                 self.exit_code = os.waitstatus_to_exitcode(status)
                 self.cpu_s = user_s + user_us / 1e6 + sys_s + sys_us / 1e6  # ru_utime, ru_stime (timevals)
+            elif msg == b"retired":
+                raise _Retired()
+            elif not msg:
+                raise EOFError("the sandbox worker died")
             if msg.startswith(word):
                 return
+
+    def _next(self, pidfd, chan, oom_fd=None):
+        self.pidfd, self.chan, self.oom_fd = pidfd, socket.socket(fileno=chan), oom_fd
+        if oom_fd is not None:  # one OOM kill in the cgroup ends the whole snippet, not just that process
+            before = _oom_count(oom_fd)
+            self.over_memory = lambda: _oom_count(oom_fd) > before
+        elif self.memory_mb:
+            self.over_memory = _memory_watchdog(pidfd, self.memory_mb << 20)
 
 
 def _watch(bufs, events, deadline, max_bytes, over_memory=None):
@@ -382,6 +420,7 @@ MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 0x40000, 2
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 4, 22, 38, 24
 SECCOMP_MODE_FILTER, LINUX_CAPABILITY_VERSION_3, CAP_LAST = 2, 0x20080522, 40
+MADV_COLLAPSE, HUGE_PAGE = 25, 1 << 21  # madvise: make these pages huge ones now (Linux 6.1+)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -578,6 +617,7 @@ def _zygote(cfg, ctl_fd):
     iso = _probe(iso, cfg, pidns, userns, cgroup)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers reap themselves
     gc.freeze()  # forked children then never copy the zygote's objects to collect them
+    _huge_pages()
     ctl.send(json.dumps({"isolation": iso, "missing": missing}).encode())
     workers = []
     while True:
@@ -593,6 +633,19 @@ def _zygote(cfg, ctl_fd):
         workers.append(pid)
         _close(*fds)
         ctl.send(b"+")
+
+
+def _huge_pages():
+    """Back our heap with 2 MiB pages where the kernel can (transparent huge pages): a fork then copies,
+    and an exit unmaps, one entry per 2 MiB of it instead of 512, and those two are most of what a
+    snippet costs. Regions it cannot collapse keep their 4 KiB pages."""
+    for line in open("/proc/self/maps"):
+        addr, perms, *rest = line.split()
+        if perms.startswith("rw") and (len(rest) == 3 or rest[3] == "[heap]"):  # anonymous, or the heap
+            lo, hi = (int(x, 16) for x in addr.split("-"))
+            lo, hi = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+            if hi > lo:
+                _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE)
 
 
 def _remove_cgroups(cgroup, pids):
@@ -635,7 +688,10 @@ def _probe(iso, cfg, pidns, userns, cgroup):
     if pid == 0:
         try:
             state = _setup_worker(iso, cfg, pidns, userns, cgroup, strict=False)
+            if not _fresh_tmp(state):
+                raise OSError("cannot set up the worker's /tmp")
             _confine(state, strict=False)
+            _take_uid(state, strict=False)
             os.write(w, json.dumps(state.iso).encode())
         finally:
             os._exit(0)
@@ -687,8 +743,10 @@ def _setup_worker(iso, cfg, pidns, userns, cgroup, strict=True):
     _step(iso, "memory_cgroup", lambda: _join_cgroup(state, host_pid), strict)
     if not iso["mount_namespace"]:
         state.workdir = f"/tmp/retool-sb-{host_pid}"  # degraded: a dir in the host's /tmp
-    if not _fresh_tmp(state):
-        raise OSError("cannot set up the worker's /tmp")
+    # Once here, inherited by every process we fork: the BPF program is built and loaded once per
+    # worker, not per snippet. We need nothing they refuse.
+    _step(iso, "no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1), strict)  # setuid bits inert
+    _step(iso, "seccomp", _install_seccomp, strict)
     _prctl(PR_SET_DUMPABLE, 0)  # nothing a snippet runs can read or write our memory
     return state
 
@@ -763,56 +821,57 @@ def _oom_count(fd):  # memory.oom_control (v1) or memory.events (v2)
 
 
 def _serve(sock, state):
-    """One snippet at a time: fork it, hand back a pidfd, reap it, report, give it a fresh /tmp."""
+    """One snippet at a time. Its process is forked and confined before it is asked for (off the
+    caller's clock) and offered at once: "next" + a pidfd and a socket to it, on which the supervisor
+    sends it the snippet's fds (we never see them). We reap it, answer "exit", renew /tmp, fork the next."""
     status, rusage = ctypes.c_int(), ctypes.create_string_buffer(256)  # reused, zeroed after each use
     while True:
-        msg, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(4 * 4))
-        fds = _fds(anc)
-        if msg not in (b"run", b"hold") or len(fds) != 4:
-            break  # EOF: the supervisor retired us
-        pid = _spawn(state, fds, _snippet if msg == b"run" else _session_init)
-        _close(*fds)
+        if not _fresh_tmp(state):  # a worker that cannot give the next snippet a clean /tmp is retired,
+            with contextlib.suppress(OSError):  # before it gets one: the supervisor replaces it
+                sock.send(b"retired")
+            break
+        pid, chan = _fork_next(state)
         pidfd = os.pidfd_open(pid)  # our unreaped child: the id cannot have been reused
-        sock.sendmsg([b"pid"], [_rights(pidfd, *([] if state.oom_fd is None else [state.oom_fd]))])
-        os.close(pidfd)
+        try:
+            sock.sendmsg([b"next"], [_rights(pidfd, chan.fileno(), *([] if state.oom_fd is None else [state.oom_fd]))])
+        except OSError:
+            break  # the supervisor is gone (the child sees EOF on its socket and exits)
+        finally:
+            os.close(pidfd)
+            chan.close()
         # Reaped into ctypes buffers, sent as raw bytes and zeroed: nothing of the snippet (not even
         # its exit code) stays in the memory that the next snippet is forked from.
         _check(int(_libc.wait4(pid, ctypes.byref(status), 0, rusage) != pid), "wait4")
-        healthy = _fresh_tmp(state)
         oom = _oom_count(state.oom_fd) if state.oom_fd is not None else 0
-        sock.sendmsg([b"exit", status, memoryview(rusage)[:32], struct.pack("=i", int(oom > state.ooms))])
+        try:
+            sock.sendmsg([b"exit", status, memoryview(rusage)[:32], struct.pack("=i", int(oom > state.ooms))])
+        except OSError:
+            break  # the supervisor retired us
+        finally:
+            ctypes.memset(ctypes.byref(status), 0, 4)
+            ctypes.memset(rusage, 0, len(rusage))
         state.ooms = oom
-        ctypes.memset(ctypes.byref(status), 0, 4)
-        ctypes.memset(rusage, 0, len(rusage))
-        if not healthy:
-            break  # a worker that cannot give the next snippet a clean /tmp is retired
     sock.close()  # (our cgroup goes when the zygote exits)
     if not state.iso["mount_namespace"]:
         subprocess.run(["rm", "-rf", state.workdir], stdin=state.null)
     os._exit(0)
 
 
-def _spawn(state, fds, body):
-    """Fork the confined child (init of a new PID namespace): fds become its 1, 2, 3, 4; it runs body."""
+def _fork_next(state):
+    """The next snippet's process, init of a new PID namespace: it confines itself now and waits on
+    its end of a socket pair (ours, returned with its pid) for "run"/"hold" + the caller's 4 fds."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if state.iso["pid_namespace"]:
         _unshare(CLONE_NEWPID)
     try:
         pid = os.fork()
         if pid == 0:
-            try:
-                for i, fd in enumerate((state.null, *fds)):
-                    os.dup2(fd, i)
-                os.closerange(len(fds) + 1, 1 << 16)
-                _confine(state)
-                body()
-            except BaseException as e:  # noqa: BLE001
-                with contextlib.suppress(OSError):
-                    os.write(4, f"SandboxError: confinement failed: {e!r}".encode())
-            os._exit(1)
+            _next_snippet(state, theirs.fileno())
     finally:
         if state.iso["pid_namespace"]:
             _setns(state.pidns)
-    return pid
+        theirs.close()
+    return pid, ours
 
 
 # ----------------------------------------------------------------------------- the snippet child
@@ -841,8 +900,43 @@ def _rlimits(state):
         resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, hard))
 
 
+def _next_snippet(state, chan):
+    """The next snippet's process. Until its fds arrive it is ours: it confines itself and warms up;
+    then it takes them as 1-4 (stdout, stderr, code, ready), its uid, and runs the snippet (or, on
+    "hold", a session). A set-up failure is reported on the ready pipe once there is one."""
+    failure = None
+    try:
+        os.dup2(state.null, 0)
+        os.dup2(chan, CHAN_FD)
+        for fd in range(1, CHAN_FD):
+            os.dup2(0, fd)  # 0-4 are taken, so the fds that arrive land above CHAN_FD
+        os.closerange(CHAN_FD + 1, MAX_FD)  # the worker's socket, namespace, cgroup and path fds
+        _confine(state)
+        _warm_up()
+    except Exception as e:  # noqa: BLE001 - reported below, where the supervisor reads it
+        failure = e
+    chan = socket.socket(fileno=CHAN_FD)
+    msg, anc, _, _ = chan.recvmsg(16, socket.CMSG_SPACE(4 * 4))
+    chan.detach()  # (closed below by number; the object must not close a later fd 5 of the snippet's)
+    fds = _fds(anc)
+    if len(fds) == 4 and msg in (b"run", b"hold"):
+        try:
+            for fd, to in zip(fds, range(1, CHAN_FD)):
+                os.dup2(fd, to)
+            os.closerange(CHAN_FD, MAX_FD)
+            if failure is not None:
+                raise failure
+            _take_uid(state)
+            (_snippet if msg == b"run" else _session_init)()
+        except BaseException as e:  # noqa: BLE001
+            with contextlib.suppress(OSError):
+                os.write(4, f"SandboxError: confinement failed: {e!r}".encode())
+    os._exit(1)
+
+
 def _confine(state, strict=True):
-    """Snippet child, still root of its namespaces: apply the per-process protections, in this order."""
+    """Snippet child, still root of its namespaces: the per-process protections but the uid change, in
+    this order (no_new_privs and seccomp come from the worker)."""
     iso = state.iso
     os.setsid()  # own session and group: no controlling tty, and kill(0)/killpg stay inside
     _prctl(PR_SET_DUMPABLE, 1)  # the worker is not dumpable; we are, so our /proc/self is ours
@@ -851,16 +945,32 @@ def _confine(state, strict=True):
     if state.userns:  # 1. the user namespace first: it must not inherit our lowered RLIMIT_NPROC
         _step(iso, "uid_drop", lambda: _own_user_namespace(state), strict)
     _step(iso, "rlimits", lambda: _rlimits(state), strict)  # 2.
-    if state.userns:  # 3. unprivileged: as root, by a uid change; in a user namespace, by giving caps up
+    if state.userns:  # 3. unprivileged: in a user namespace of our own, by giving caps up
         _step(iso, "uid_drop", _drop_capabilities, strict)
-    else:
-        _step(iso, "uid_drop", lambda: _drop_uid(state), strict)
-    if not state.userns:
-        _prctl(PR_SET_DUMPABLE, 1)  # the uid change cleared it
-    _step(iso, "no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1), strict)  # 4. setuid bits inert
-    _step(iso, "seccomp", _install_seccomp, strict)  # 5. needs no_new_privs
-    # 6. after the uid change (which clears it): die with the worker, whatever kills it.
-    _step(iso, "parent_death_signal", lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL), strict)
+    _step(iso, "parent_death_signal", lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL), strict)  # after both
+
+
+def _take_uid(state, strict=True):
+    """Root: the snippets' uid, only once a snippet is ours to run (an idle child keeps root's, so that
+    uid means a running snippet); then die with the worker again (the uid change cleared it)."""
+    if state.userns:
+        return
+    _step(state.iso, "uid_drop", lambda: _drop_uid(state), strict)
+    _prctl(PR_SET_DUMPABLE, 1)  # the uid change cleared it
+    _step(state.iso, "parent_death_signal", lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL), strict)
+
+
+def _warm_up():
+    """Per-snippet work that needs no snippet, done before it arrives: a fresh numpy seed (a forked RNG
+    would repeat itself in every snippet), and a first touch (copy-on-write) of what every run uses."""
+    _reseed()
+    with open(0, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) as f:
+        exec(compile("print(sum(i * i for i in range(3)), file=f)", "<warm-up>", "exec"), {"f": f})
+
+
+def _reseed():
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
 
 
 def _snippet():
@@ -878,8 +988,6 @@ def _execute(code, main):
     sys.stdout, sys.stderr = std  # line-buffered: a kill keeps prints
     sys.__stdout__, sys.__stderr__ = std
     sys.argv, sys.modules["__main__"] = ["<code>"], main
-    if "numpy" in sys.modules:  # a forked RNG would repeat itself in every snippet
-        sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
     linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")  # tracebacks show lines
     rc = 1
     try:
@@ -933,7 +1041,7 @@ class Session(_Closing):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._cells.run.pidfd, signal.SIGKILL)  # the namespace goes whole
                 self._cells.run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
-            _close(self._cells.run.pidfd, self._cells.run.oom_fd)
+            self._cells.run.close()
             self._cells.sock.close()
             self._cells = None
 
@@ -950,13 +1058,16 @@ def _start_session(worker):
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel stamps each sender's pid
     ready_r, ready_w = os.pipe()
     null = os.open(os.devnull, os.O_WRONLY)
+    run = _Running(worker.sock)
     try:
-        worker.sock.sendmsg([b"hold"], [_rights(null, null, theirs.fileno(), ready_w)])
+        run.wait_for(b"next", time.monotonic() + REAP_GRACE_S)
+        run.hand(b"hold", null, null, theirs.fileno(), ready_w)
+    except BaseException:
+        run.close()
+        raise
     finally:
         _close(null, ready_w)
         theirs.close()
-    run = _Running(worker.sock)
-    run.wait_for(b"pid", time.monotonic() + REAP_GRACE_S)
     with open(ready_r, "rb") as f:
         ready = f.read()
     if ready != b"r":
@@ -1041,6 +1152,7 @@ def _hold(sock, main):
             os.dup2(fds[1], 2)
             _close(*fds)
             sock.send(b"pid")  # SO_PASSCRED: the supervisor learns our real pid, to kill just this cell
+            _reseed()
             me, rc = os.getpid(), _execute(code.decode(errors="replace"), main)
             if rc or os.getpid() != me:  # failed, or a process the cell forked: not the new holder
                 os._exit(rc)

@@ -53,6 +53,10 @@ def _descendants(root):
     return out
 
 
+def _status(pid, field):
+    return Path(f"/proc/{pid}/status").read_text().split(f"\n{field}:", 1)[1].split("\n", 1)[0].strip()
+
+
 def test_isolation_all_granted_here(sb):
     assert set(sb.isolation) == set(ISOLATION) - {"user_namespace"}  # root needs none
     assert all(sb.isolation.values()), sb.isolation  # root on this kind of machine: nothing refused
@@ -305,11 +309,11 @@ codes = {n: c.replace("SUPERVISOR_PID", str(os.getpid())) for n, c in job["codes
 with Sandbox(timeout=4.0, memory_mb=512, workers=2) as sb:
     results = _run_battery(sb, codes) if codes else {}
     load = sb.run_many(job["load"])
-    left = _descendants(sb._proc.pid)
+    left = [(p, int(_status(p, "PPid")), _status(p, "NSpid").split()[-1] == "1") for p in _descendants(sb._proc.pid)]
 with Sandbox(timeout=30, memory_mb=512, workers=1) as sb:  # time to fault 800 MB in on a loaded machine
     together = sb.run(job["together"])
     print(json.dumps({"isolation": sb.isolation, "results": {n: asdict(r) for n, r in results.items()},
-                      "load": [asdict(r) for r in load], "left": len(left), "together": asdict(together)}))
+                      "load": [asdict(r) for r in load], "left": left, "together": asdict(together)}))
 '''
 
 
@@ -337,7 +341,7 @@ def nobody_python():
 
 def _as_nobody(nobody_python, codes, load, cwd):
     python, checkout = nobody_python
-    script = inspect.getsource(_descendants) + inspect.getsource(_run_battery) + HELPER
+    script = "".join(inspect.getsource(f) for f in (_descendants, _status, _run_battery)) + HELPER
     env = {"PATH": os.environ["PATH"], "RETOOL_TEST_SECRET": SECRET}
     job = {"codes": codes, "load": load, "together": MEMORY_TOGETHER}
     out = subprocess.run([*DROP, str(python), "-c", script, str(checkout)], input=json.dumps(job),
@@ -358,7 +362,14 @@ def test_hostile_battery_as_an_ordinary_user(nobody_python, targets):
     assert granted == set(ISOLATION) - {"memory_cgroup"}, report["isolation"]  # no cgroup is delegated to nobody
     assert "memory_cgroup refused here" in warned  # said once, clearly
     _check_battery(battery, {n: Result(**r) for n, r in report["results"].items()}, places, own / "own.txt")
-    assert report["left"] == 1 + 2  # the zygote's init and the 2 idle workers: no process of a snippet
+    # No process of a snippet: the zygote's init, the 2 idle workers, and (unless it is still being forked)
+    # each worker's process for its next snippet, waiting alone in a PID namespace of its own.
+    left = {pid: (ppid, alone) for pid, ppid, alone in report["left"]}
+    init = [p for p, (ppid, _) in left.items() if ppid not in left]
+    workers = [p for p, (ppid, _) in left.items() if ppid in init]
+    waiting = [p for p, (ppid, _) in left.items() if ppid in workers]
+    assert len(init) == 1 and len(workers) == 2 and len(left) == 3 + len(waiting), left
+    assert all(left[p][1] for p in waiting) and len({left[p][0] for p in waiting}) == len(waiting), left
     together = Result(**report["together"])  # no cgroup for nobody: the watchdog holds the cap
     assert (together.status, together.feedback) == ("memory", "MemoryError: the snippet's processes together used more than 512 MB")
     assert [r["stdout"] for r in report["load"]] == [f"{i * 2}\n" if i % 4 else f"{i * (i - 1) // 2}\n" for i in range(512)]
