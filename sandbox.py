@@ -256,16 +256,17 @@ def _run(worker, code, cfg):
                     f.write(data)
             os.close(code_w)
             code_w = None
-        bufs = {out_r: bytearray(), err_r: bytearray(), ready_r: bytearray()}
+        bufs = {out_r: bytearray(), err_r: bytearray()}
         why = _watch(bufs, [run.pidfd], t0 + cfg.timeout, cfg.max_bytes, run.over_memory)
         if why:
             signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # init of its PID ns: its whole tree goes
         run.wait_for(b"exit", time.monotonic() + REAP_GRACE_S)
+        ready = os.read(ready_r, 1 << 12)  # one write, whose writers are all gone: read once, not watched
     finally:
         run.close()
         _close(out_r, err_r, ready_r, code_w)
-    if bufs[ready_r] != b"r":
-        raise RuntimeError(bufs[ready_r].decode(errors="replace").strip() or "the snippet's set-up failed")
+    if ready != b"r":
+        raise RuntimeError(ready.decode(errors="replace").strip() or "the snippet's set-up failed")
     return _finish(why, run.exit_code, run.oom or why == "memory", bufs[out_r], bufs[err_r], time.monotonic() - t0, run.cpu_s, cfg)
 
 
@@ -912,7 +913,7 @@ def _next_snippet(state, chan):
             os.dup2(0, fd)  # 0-4 are taken, so the fds that arrive land above CHAN_FD
         os.closerange(CHAN_FD + 1, MAX_FD)  # the worker's socket, namespace, cgroup and path fds
         _confine(state)
-        _warm_up()
+        std = _warm_up()
     except Exception as e:  # noqa: BLE001 - reported below, where the supervisor reads it
         failure = e
     chan = socket.socket(fileno=CHAN_FD)
@@ -927,7 +928,10 @@ def _next_snippet(state, chan):
             if failure is not None:
                 raise failure
             _take_uid(state)
-            (_snippet if msg == b"run" else _session_init)()
+            if msg == b"run":
+                _snippet(std)
+            else:
+                _session_init()
         except BaseException as e:  # noqa: BLE001
             with contextlib.suppress(OSError):
                 os.write(4, f"SandboxError: confinement failed: {e!r}".encode())
@@ -961,33 +965,41 @@ def _take_uid(state, strict=True):
 
 
 def _warm_up():
-    """Per-snippet work that needs no snippet, done before it arrives: a fresh numpy seed (a forked RNG
-    would repeat itself in every snippet), and a first touch (copy-on-write) of what every run uses."""
-    _reseed()
+    """Per-snippet work that needs no snippet, done before it arrives: the process set up as `python
+    file.py` starts (its streams made on stand-in pipes, as the real ones will be), and a first touch
+    (copy-on-write) of what every run uses."""
+    stand_in = os.pipe()  # (closed with the rest when the real fds arrive)
+    for fd in (1, 2):
+        os.dup2(stand_in[1], fd)
+    std = _prepare(types.ModuleType("__main__"))
     with open(0, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) as f:
         exec(compile("print(sum(i * i for i in range(3)), file=f)", "<warm-up>", "exec"), {"f": f})
+    return std
 
 
-def _reseed():
+def _prepare(main):
+    """sys as `python file.py` has it: argv, __main__, the standard streams on fds 0-2 (line-buffered:
+    a kill keeps prints), and a fresh numpy seed (a forked RNG would repeat itself in every snippet)."""
+    sys.stdin = sys.__stdin__ = open(0, closefd=False)
+    std = [open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) for fd in (1, 2)]
+    sys.stdout, sys.stderr = std
+    sys.__stdout__, sys.__stderr__ = std
+    sys.argv, sys.modules["__main__"] = ["<code>"], main
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
+    return std
 
 
-def _snippet():
+def _snippet(std):
     with open(3, "rb") as f:
         code = f.read().decode(errors="replace")
     os.write(4, b"r")  # set up: from here on, every failure is the snippet's own
     os.close(4)
-    os._exit(_execute(code, types.ModuleType("__main__")))
+    os._exit(_execute(code, sys.modules["__main__"], std))
 
 
-def _execute(code, main):
-    """Run code as `python file.py` would, in module `main`; returns the exit code."""
-    sys.stdin = sys.__stdin__ = open(0, closefd=False)
-    std = [open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) for fd in (1, 2)]
-    sys.stdout, sys.stderr = std  # line-buffered: a kill keeps prints
-    sys.__stdout__, sys.__stderr__ = std
-    sys.argv, sys.modules["__main__"] = ["<code>"], main
+def _execute(code, main, std):
+    """Run code as `python file.py` would, in module `main` (set up by _prepare); returns the exit code."""
     linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")  # tracebacks show lines
     rc = 1
     try:
@@ -1152,8 +1164,7 @@ def _hold(sock, main):
             os.dup2(fds[1], 2)
             _close(*fds)
             sock.send(b"pid")  # SO_PASSCRED: the supervisor learns our real pid, to kill just this cell
-            _reseed()
-            me, rc = os.getpid(), _execute(code.decode(errors="replace"), main)
+            me, rc = os.getpid(), _execute(code.decode(errors="replace"), main, _prepare(main))
             if rc or os.getpid() != me:  # failed, or a process the cell forked: not the new holder
                 os._exit(rc)
             null = os.open(os.devnull, os.O_WRONLY)
