@@ -4,14 +4,17 @@ Processes (who forks whom, which channel carries what):
 
     supervisor   the caller (trainer, eval, CLI); one thread per running snippet reads its pipes
       | spawns once: a fresh interpreter, never a fork of a caller that may run threads
-    zygote       imports numpy/sympy once; enters a user namespace when not root, then IPC and mount
-      |          namespaces (the host read-only); ctl socket: "w" + a socket end -> forks a worker, "+"
+    zygote       imports numpy/sympy once (its heap in huge pages); enters a user namespace when not root,
+      |          then IPC and mount namespaces (the host read-only); ctl: "w" + a socket end -> a worker, "+"
     worker       one per slot, init of its own PID namespace, own network namespace, /proc and /tmp.
-      |          It never sees snippet data: "run" + 4 fds (stdout, stderr, code, ready) -> it forks,
-      |          answers "pid" + a pidfd, then "exit" + wait status + rusage; a fresh /tmp after each.
-    snippet      init of a new PID namespace; confines itself, reads the code from its pipe, writes
-                 "r" on ready (so only a real set-up failure is `internal`), runs; stdout/stderr go
-                 straight to the supervisor, which enforces the deadline and the output cap.
+      |          It never sees snippet data. Ahead of each snippet it renews /tmp, forks and offers
+      |          the snippet's process: "next" + a pidfd + a socket to it; then, reaped, "exit" +
+      |          wait status + rusage ("retired" instead of "next" if /tmp cannot be renewed).
+    snippet      init of a new PID namespace; confines itself and sets up sys while it waits. The
+                 supervisor sends it "run" + 4 fds (stdout, stderr, code, ready) directly; it takes
+                 its uid, reads the code, writes "r" on ready (so only a real set-up failure is
+                 `internal`), runs; stdout/stderr go straight to the supervisor, which enforces the
+                 deadline and the output cap. Fork and confinement are off the caller's clock.
 
 Protections (`Sandbox.isolation` says which the kernel granted; a refused one is warned about once):
 
@@ -23,8 +26,8 @@ Protections (`Sandbox.isolation` says which the kernel granted; a refused one is
     pid_namespace    CLONE_NEWPID per worker and snippet    seeing or signalling host processes; survivors
     private_proc     proc of the worker's PID ns, hidepid=2 reading the supervisor's environment
     uid_drop         root: uid 2^20+pid; user: own user ns  fork bombs across workers (RLIMIT_NPROC)
-    no_new_privs     prctl(PR_SET_NO_NEW_PRIVS)             gaining privileges through exec
-    seccomp          BPF filter                             keyrings (not namespaced), AF_UNIX path sockets,
+    no_new_privs     prctl(PR_SET_NO_NEW_PRIVS) per worker  gaining privileges through exec
+    seccomp          BPF filter per worker, inherited       keyrings (not namespaced), AF_UNIX path sockets,
                                                             AF_VSOCK, memfd pages outside the caps
     memory_cgroup    memory cgroup per worker               many processes together above memory_mb
     parent_death_signal  prctl(PR_SET_PDEATHSIG, SIGKILL)   a snippet outliving its worker
@@ -238,24 +241,16 @@ def _run(worker, code, cfg):
     or a limit."""
     t0, pipes = time.monotonic(), [os.pipe() for _ in range(4)]  # stdout, stderr, code, ready
     (out_r, out_w), (err_r, err_w), (code_r, code_w), (ready_r, ready_w) = pipes
-    run, data = _Running(worker.sock, cfg.memory_mb), code.encode(errors="replace")
+    run = _Running(worker.sock, cfg.memory_mb)
     try:
-        os.set_blocking(code_w, False)  # what fits in the pipe goes now: the child reads it at once
-        with contextlib.suppress(BlockingIOError):
-            data = data[os.write(code_w, data):]
-        if not data:  # all of it: the child finds the code and its end without waiting for us
-            os.close(code_w)
-            code_w = None
         run.wait_for(b"next", t0 + REAP_GRACE_S)  # (sent by the worker long before, as a rule)
         run.hand(b"run", out_w, err_w, code_r, ready_w)
         _close(out_w, err_w, code_r, ready_w)
-        if code_w is not None:
-            os.set_blocking(code_w, True)
-            with contextlib.suppress(BrokenPipeError):  # a child that failed to set up reads nothing
-                with open(code_w, "wb", closefd=False) as f:
-                    f.write(data)
-            os.close(code_w)
-            code_w = None
+        with contextlib.suppress(BrokenPipeError):  # a child that failed to set up reads nothing
+            with open(code_w, "wb", closefd=False) as f:
+                f.write(code.encode(errors="replace"))
+        os.close(code_w)
+        code_w = None
         bufs = {out_r: bytearray(), err_r: bytearray()}
         why = _watch(bufs, [run.pidfd], t0 + cfg.timeout, cfg.max_bytes, run.over_memory)
         if why:
