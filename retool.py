@@ -566,7 +566,7 @@ class Context:
     total: torch.Tensor  # (R,) each row's cached length once this forward is written
     src: torch.Tensor | None  # (N,) the real tokens' places in the flattened (R*T) chunk; None: all are real
     write: torch.Tensor  # (N,) where each real token's key goes in the flattened pool (blocks * block size)
-    table: torch.Tensor  # (R, W) each row's blocks in position order, 0-padded (flash-attn's block_table)
+    table: torch.Tensor  # (R, W) each row's blocks in position order, padded (flash-attn's block_table)
     width: int  # the longest row after this forward: the keys SDPA reads
     prefix: bool  # each row one block, rows in blocks 0..R-1: SDPA reads a slice of the pool, no copy
     mask: torch.Tensor | None  # (R, 1, T, L) SDPA's additive causal bias; None under flash-attn
@@ -582,9 +582,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, device, dtype):
         shape = (config.num_hidden_layers, n_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        # zeros, not empty: SDPA reads (masked) keys past a row's end, and 0 * NaN would reach its output
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # blocks are zeroed as they are handed out
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.refs = [0] * n_blocks
         self.free = list(range(n_blocks))[::-1]  # a stack: pop() hands out the lowest block first
@@ -595,9 +594,13 @@ class KVCache:
         return -(-positions // self.block_size)
 
     def allocate(self, n: int) -> list:
+        """n free blocks, zeroed: SDPA reads (masked) positions past a row's end, and a NaN left by
+        an earlier row would pass the mask (NaN + -inf is NaN) into this one's output."""
         blocks = [self.free.pop() for _ in range(n)]
         for b in blocks:
             self.refs[b] = 1
+            self.k[:, b].zero_()
+            self.v[:, b].zero_()
         return blocks
 
     def share(self, blocks: list):
@@ -622,7 +625,8 @@ class KVCache:
         steps = torch.arange(width, device=device)  # T <= width: a row's cache includes its new tokens
         positions = (total[:, None] - T + steps[:T]).clamp(min=0)  # (R, T); padding never fully masked
         widest = max(map(len, tables))
-        table = torch.tensor([t + [0] * (widest - len(t)) for t in tables], device=device)  # (R, W)
+        # padded with the row's own first block: a row never reads (even masked) another row's keys
+        table = torch.tensor([t + t[:1] * (widest - len(t)) for t in tables], device=device)  # (R, W)
 
         def place(pos):  # (R, X) positions -> (R, X) places in the flattened pool
             return table.gather(1, pos // bs) * bs + pos % bs
@@ -654,6 +658,8 @@ class KVCache:
                                    block_table=ctx.table.int(), causal=True)
         if ctx.prefix:
             kc, vc = self.k[layer, :R, :ctx.width], self.v[layer, :R, :ctx.width]  # views (R, L, H_kv, D)
+        elif ctx.table.shape[1] == 1:  # one block per row, in another order: copy only the positions read
+            kc, vc = self.k[layer, ctx.table[:, 0], :ctx.width], self.v[layer, ctx.table[:, 0], :ctx.width]
         else:  # whole blocks gathered (memcpy-sized pieces, far cheaper than per-position indexing)
             kc = self.k[layer].index_select(0, ctx.table.flatten()).view(R, -1, *k.shape[1:])[:, :ctx.width]
             vc = self.v[layer].index_select(0, ctx.table.flatten()).view(R, -1, *v.shape[1:])[:, :ctx.width]
@@ -679,7 +685,9 @@ def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, dev
     flash = use_flash(torch.empty(0, device=device, dtype=dtype))
     if block_size is None:
         block_size = FLASH_KV_BLOCK if flash else max_len if kv_budget is None and device.type == "cpu" else KV_BLOCK
-    if not flash:
+    if flash:  # its paged kernel takes multiples of FLASH_KV_BLOCK only
+        block_size = -(-block_size // FLASH_KV_BLOCK) * FLASH_KV_BLOCK
+    else:
         block_size = min(block_size, max_len)  # a row needs no more: one block per row is the contiguous cache
     per_row = -(-max_len // block_size)
     if kv_budget is None and device.type == "cuda":
@@ -886,6 +894,7 @@ class Engine:
 
     def admit(self):
         deferred = []  # rows whose prefix a sibling is prefilling this step: admitted after it, sharing it
+        free = len(self.cache.free)  # less what the rows admitted this round will take in reserve()
         while self.waiting and len(self.active) < self.slots:
             i = self.waiting.popleft()
             row = self.rows[i]
@@ -894,9 +903,10 @@ class Engine:
                 deferred.append(i)
                 continue
             need = self.cache.blocks_for(row.length()) - len(shared)
-            if len(self.cache.free) - need < len(self.active):  # keep a next block for every admitted row,
+            if free - need < len(self.active):  # keep a next block for every admitted row,
                 self.waiting.appendleft(i)  # or admitting would preempt them, and them it (thrashing)
                 break
+            free -= need
             self.cache.share(shared)
             row.blocks, row.cached, row.state = list(shared), len(shared) * self.cache.block_size, FEEDING
             if key is not None and not shared:

@@ -170,6 +170,23 @@ def test_cache_attention_matches_flash_kvcache_semantics():
             assert (got[r, i] - ref).abs().max() < 1e-5
 
 
+def test_a_reused_block_carries_nothing_of_its_last_row():
+    """SDPA reads masked positions past a short row's end (up to the longest row), and NaN + -inf is
+    NaN: a block must come back zeroed, or one diverged row would poison the next to get it."""
+    model = tiny_model()
+    cache = retool.KVCache(model.config, 4, 4, "cpu", torch.float32)
+    stale = cache.allocate(4)
+    cache.k[:, stale], cache.v[:, stale] = float("nan"), float("nan")
+    cache.release(stale)
+    short, long = cache.allocate(1), cache.allocate(2)
+    with torch.no_grad():
+        cache.prepare([short, long], [0, 0], [2, 7])  # left-padded prompts of 2 and 7 tokens
+        model(torch.arange(1, 8).expand(2, 7).contiguous(), cache=cache)
+        cache.prepare([short, long], [2, 7], [1, 1])  # a decode step: the short row reads 8 positions
+        out = model(torch.tensor([[8], [8]]), cache=cache)
+    assert torch.isfinite(out).all()
+
+
 def test_packed_rows_equal_separate_documents():
     model = tiny_model(seed=1)
     g = torch.Generator().manual_seed(2)
