@@ -895,6 +895,8 @@ class Engine:
     def admit(self):
         deferred = []  # rows whose prefix a sibling is prefilling this step: admitted after it, sharing it
         free = len(self.cache.free)  # less what the rows admitted this round will take in reserve()
+        full = self.cache.blocks_for(self.limits.max_total_len)  # a row holding these needs no more
+        growing = sum(len(self.rows[j].blocks) < full for j in self.active)  # rows that will need a next block
         while self.waiting and len(self.active) < self.slots:
             i = self.waiting.popleft()
             row = self.rows[i]
@@ -903,10 +905,12 @@ class Engine:
                 deferred.append(i)
                 continue
             need = self.cache.blocks_for(row.length()) - len(shared)
-            if free - need < len(self.active):  # keep a next block for every admitted row,
+            if free - need < growing:  # keep a next block for every admitted row that may grow,
                 self.waiting.appendleft(i)  # or admitting would preempt them, and them it (thrashing)
                 break
             free -= need
+            if len(shared) + need < full:
+                growing += 1
             self.cache.share(shared)
             row.blocks, row.cached, row.state = list(shared), len(shared) * self.cache.block_size, FEEDING
             if key is not None and not shared:
