@@ -172,7 +172,8 @@ class Sandbox(_Closing):
         hello = json.loads(hello)
         self.isolation = hello["isolation"]
         refused = {k for k, v in self.isolation.items() if not v} | {f"preload of {m}" for m in hello["missing"]}
-        for what in sorted(refused - _WARNED):
+        for what in sorted(refused - _WARNED, key=lambda w: (w != "user_namespace", w)):  # the cause first, with
+            # what to do about it; then each protection that is missing because of it
             _WARNED.add(what)
             warnings.warn(f"sandbox: {what} refused here; running without it{_ADVICE.get(what, '')}", RuntimeWarning, 3)
 

@@ -294,6 +294,7 @@ def test_the_user_namespace_is_warned_about_once_with_what_to_do(degraded):
     messages = [message for category, message in report["warnings"] if category == "RuntimeWarning"]
     about_userns = [m for m in messages if "user_namespace" in m]
     assert len(about_userns) == 1, messages
+    assert "user_namespace" in messages[0], messages  # the cause and what to do first, then its consequences
     assert "user_namespace refused here" in about_userns[0]
     assert sandbox._ADVICE["user_namespace"] in about_userns[0]  # how to enable them, or run as root
     refused = sorted(name for name, granted in report["isolation"][0].items() if not granted)
