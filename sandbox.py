@@ -1087,7 +1087,7 @@ def _next_snippet(state, chan):
             if msg == b"run":
                 _snippet(std)
             else:
-                _session_init()
+                _session_init(not state.iso["pid_namespace"])
         except BaseException as e:  # noqa: BLE001
             with contextlib.suppress(OSError):
                 os.write(4, f"SandboxError: confinement failed: {e!r}".encode())
@@ -1290,12 +1290,16 @@ def _run_cell(cells, code, cfg):
     return _finish(why, int(rest[0]), False, bufs[out_r], bufs[err_r], time.monotonic() - t0, float(rest[1]), cfg)
 
 
-def _session_init():
-    """Init of the session's PID namespace: start the holder, then reap until nothing is left."""
+def _session_init(shared_pids):
+    """Init of the session's PID namespace: start the holder, then reap until nothing is left. Without
+    a PID namespace, a subreaper: the session's orphans (each replaced holder's successor) come to us
+    to be reaped, not to the worker, which waits for us alone until the session ends."""
     os.write(4, b"r")
     os.close(4)
+    if shared_pids:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.fork() == 0:
-        _hold(socket.socket(fileno=3), types.ModuleType("__main__"))
+        _hold(socket.socket(fileno=3), types.ModuleType("__main__"), shared_pids)
     os.close(3)
     with contextlib.suppress(ChildProcessError):
         while True:
@@ -1303,7 +1307,7 @@ def _session_init():
     os._exit(0)
 
 
-def _hold(sock, main):
+def _hold(sock, main, shared_pids):
     """Session holder loop. Untrusted (earlier cells ran here): the supervisor believes only
     kernel-stamped pids and the pipes."""
     sock.send(b"hello")
@@ -1327,15 +1331,49 @@ def _hold(sock, main):
             for fd in (1, 2):
                 os.dup2(null, fd)  # the cell's pipes: EOF
             os.close(null)
-            os.kill(-1, signal.SIGKILL)  # all but us and init: the old holder, what the cell left running
+            _kill_others(shared_pids)  # all but us and init: the old holder, what the cell left running
             ru = resource.getrusage(resource.RUSAGE_SELF)
             sock.send(b"ok 0 %f" % (ru.ru_utime + ru.ru_stime))
             continue
         _close(*fds)
         _, status, ru = os.wait4(pid, 0)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(-1, signal.SIGKILL)  # what the failed cell left running
+        _kill_others(shared_pids)  # what the failed cell left running
         sock.send(b"exit %d %f" % (os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime))
+
+
+def _kill_others(shared_pids):
+    """Kill every process of the session but us and its init. In the session's own PID namespace that
+    is kill(-1); without one kill(-1) would reach every process of the user, the caller's included.
+    There the session's processes are found by their session id (the init's pid: it called setsid),
+    each checked again once a pidfd holds it, so that a pid reused meanwhile is never signalled."""
+    if not shared_pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+        return
+    me, sid = os.getpid(), os.getsid(0)
+    while True:
+        others = [pid for pid in _session_members(sid) if pid not in (me, sid)]
+        if not others:
+            return
+        for pid in others:
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:
+                    if pid in _session_members(sid, [pid]):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                finally:
+                    os.close(fd)
+
+
+def _session_members(sid, pids=None):
+    """The live (not zombie) processes among pids (default: all in /proc) whose session is sid."""
+    found = []
+    for pid in pids or [int(name) for name in os.listdir("/proc") if name.isdigit()]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            state, _, _, session = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[:4]
+            if int(session) == sid and state != "Z":
+                found.append(pid)
+    return found
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -53,7 +53,8 @@ GRANTED_DEGRADED = {"rlimits", "no_new_privs", "seccomp", "parent_death_signal"}
 LAUNCHER_CANNOT = 77  # the launcher's exit code when this kernel refuses it a mount namespace or a filter
 SETTLE_S = 30  # how long the launcher waits for the sandbox's processes to exit after the supervisor did
 # Each deliberately left process is a `sleep` of its own length, so that a survivor names its case.
-BACKGROUND_SLEEP, TIMED_OUT_CHILD_SLEEP, STDOUT_HOLDER_SLEEP = 301, 302, 303
+BACKGROUND_SLEEP, TIMED_OUT_CHILD_SLEEP, STDOUT_HOLDER_SLEEP, SESSION_SLEEP = 301, 302, 303, 304
+SESSION_CELLS = 140  # past 127 cells a chain of processes would hit the fork limit
 
 
 def forbid_user_namespaces_filter(machine):
@@ -226,6 +227,8 @@ with warnings.catch_warnings(record=True) as caught:
         for p in let_go:  # (they hold the memory for a minute)
             os.kill(p, signal.SIGKILL)
         report["load"] = [asdict(r) for r in sb.run_many(job["load"])]
+        with sb.session() as session:  # its own kill of what a cell left must not reach the user's other processes
+            report["session"] = [asdict(session.run(c)) for c in job["session"]]
 report["warnings"] = [(w.category.__name__, str(w.message)) for w in caught]
 out, err = cli.communicate()
 report["cli"] = {"rc": cli.returncode, "stdout": out, "stderr": err}
@@ -251,6 +254,8 @@ QUICK = {
 MEMORY_TOGETHER = ("import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
                    "        x = bytearray(200 << 20)\n        x[::4096] = b'1' * len(x[::4096])\n        time.sleep(60)\n"
                    "    kids.append(pid)\nfor pid in kids:\n    os.waitpid(pid, 0)")
+SESSION = ["x = 41", f"import subprocess\nsubprocess.Popen(['sleep', '{SESSION_SLEEP}'])\nx += 1", "print(x)", "x = 0\n1/0",
+           "print(x)"] + [f"x += {i}" for i in range(SESSION_CELLS)] + ["print(x)"]
 LOAD = [f"print({i} * 2)" if i % 4 else f"import numpy as np\nprint(int(np.arange({i}).sum()))" for i in range(512)]
 
 
@@ -264,7 +269,7 @@ def degraded(nobody_python):
     python, checkout = nobody_python
     argv = [*DROP, str(python), "-c", HELPER, str(checkout)]
     job = {"CLONE_NEWUSER": CLONE_NEWUSER, "clone3": SYSCALLS[machine]["clone3"], "quick": list(QUICK.values()),
-           "together": MEMORY_TOGETHER, "load": LOAD}
+           "together": MEMORY_TOGETHER, "load": LOAD, "session": SESSION}
     launch = {"filter": forbid_user_namespaces_filter(machine).hex(), "argv": argv}
     out = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(launch)], input=json.dumps(job),
                          capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, cwd=str(checkout), timeout=600)
@@ -351,11 +356,21 @@ def test_the_supervisor_leaves_no_file_to_the_collector(degraded):
     assert [m for category, m in report["warnings"] if category == "ResourceWarning"] == []
 
 
+def test_a_session_works_and_kills_only_its_own(degraded):
+    """State, rollback, a process a cell left, and more cells than the fork limit: as with a PID
+    namespace, with the supervisor (a process of the same user) alive to the end."""
+    report, launcher = degraded
+    cells = report["session"]
+    assert [r["status"] for r in cells] == ["ok", "ok", "ok", "error", "ok"] + ["ok"] * (SESSION_CELLS + 1), cells[-1]
+    assert (cells[2]["stdout"], cells[4]["stdout"], cells[-1]["stdout"]) == ("42\n", "42\n", f"{42 + sum(range(SESSION_CELLS))}\n")
+    assert f"sleep {SESSION_SLEEP}" not in launcher["left"]
+
+
 def test_no_process_of_the_sandbox_is_left_after_close(degraded):
     """Zygote, workers and snippets' own processes are gone once the supervisor has closed its
     sandboxes and exited (the deliberate background `sleep`s are the next tests')."""
     _, launcher = degraded
-    deliberate = {f"sleep {n}" for n in (BACKGROUND_SLEEP, TIMED_OUT_CHILD_SLEEP, STDOUT_HOLDER_SLEEP)}
+    deliberate = {f"sleep {n}" for n in (BACKGROUND_SLEEP, TIMED_OUT_CHILD_SLEEP, STDOUT_HOLDER_SLEEP, SESSION_SLEEP)}
     assert [c for c in launcher["left"] if c not in deliberate] == []
 
 
