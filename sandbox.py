@@ -401,7 +401,8 @@ def _memory_watchdog(pidfd, limit, shared_pids=False):
     root = int(re.search(r"Pid:\s*(-?\d+)", _read(f"/proc/self/fdinfo/{pidfd}")).group(1))
     skip = None
     if shared_pids:
-        root = skip = _ppid(_read(f"/proc/{root}/stat"))
+        with contextlib.suppress(OSError):  # (gone already: its own tree, which is then empty)
+            root = skip = _ppid(_read(f"/proc/{root}/stat"))
 
     def over():
         children = {}
@@ -692,7 +693,7 @@ def _track_worker(pidfds, pid):
     milliseconds at least, so the pid is still its own), those of workers that have exited dropped."""
     alive = []
     for fd in pidfds:
-        if select.select([fd], [], [], 0)[0]:
+        if _exited(fd, 0):
             os.close(fd)
         else:
             alive.append(fd)
@@ -707,7 +708,13 @@ def _await_workers(pidfds):
     the supervisor is gone (EOF on their sockets), so wait for that, for REAP_GRACE_S at most."""
     deadline = time.monotonic() + REAP_GRACE_S
     for fd in pidfds:
-        select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        _exited(fd, max(deadline - time.monotonic(), 0))
+
+
+def _exited(pidfd, timeout_s):  # poll, not select: no FD_SETSIZE limit on the fd's number
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    return bool(poll.poll(timeout_s * 1000))
 
 
 def _huge_pages():
@@ -994,17 +1001,18 @@ def _children(state):
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        n = 0
+        with contextlib.suppress(OSError, ValueError):  # a process that just ended (an empty read)
             fd = os.open(f"/proc/{entry.name}/stat", os.O_RDONLY)
             try:
                 n = os.readv(fd, [state.stat])
             finally:
                 os.close(fd)
             fields = state.stat.rfind(b")", 0, n) + 2  # then: state, ppid, ...
-            ppid_at = state.stat.index(b" ", fields) + 1
-            if int(state.stat[ppid_at:state.stat.index(b" ", ppid_at)]) == me:
+            ppid_at = state.stat.index(b" ", fields, n) + 1
+            if int(state.stat[ppid_at:state.stat.index(b" ", ppid_at, n)]) == me:
                 found.append(int(entry.name))
-            state.stat[:n] = bytes(n)
+        state.stat[:n] = bytes(n)
     return found
 
 
