@@ -351,15 +351,20 @@ def _watch(bufs, events, deadline, max_bytes, over_memory=None, done=None):
                 waiting.discard(fd)
                 poll.unregister(fd)
                 continue
-            data = os.read(fd, 1 << 16)
-            if not data:
-                poll.unregister(fd)
-                del live[fd]
-                continue
-            live[fd] += data
-            if sum(map(len, bufs.values())) > max_bytes:
+            if _take(fd, poll, bufs, live, max_bytes):
                 return "output"
     return None
+
+
+def _take(fd, poll, bufs, live, max_bytes) -> bool:
+    """One read of a snippet's pipe into live[fd] (unregistered at EOF) -> True once past the cap."""
+    data = os.read(fd, 1 << 16)
+    if not data:
+        poll.unregister(fd)
+        del live[fd]
+        return False
+    live[fd] += data
+    return sum(map(len, bufs.values())) > max_bytes
 
 
 def _drain(bufs, live, max_bytes):
@@ -373,13 +378,7 @@ def _drain(bufs, live, max_bytes):
         if not ready:
             return None
         for fd, _ in ready:
-            data = os.read(fd, 1 << 16)
-            if not data:
-                poll.unregister(fd)
-                del live[fd]
-                continue
-            live[fd] += data
-            if sum(map(len, bufs.values())) > max_bytes:
+            if _take(fd, poll, bufs, live, max_bytes):
                 return "output"
     return None
 
