@@ -544,6 +544,12 @@ def _seccomp_filter(nr):
              "pair", (BPF_LD_ABS, 0, 0, SECCOMP_ARG1), (BPF_AND, 0, 0, SOCK_TYPE_MASK), (BPF_JEQ, "deny", 0, SOCK_DGRAM),
              (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),
              "deny", (BPF_RET, 0, 0, SECCOMP_RET_ERRNO | EPERM)]
+    return assemble_bpf(prog)
+
+
+def assemble_bpf(prog) -> bytes:
+    """A classic BPF program of (code, jump-if-true, jump-if-false, k) and label strings -> its bytes;
+    a jump may name a label, resolved to the offset the kernel wants."""
     labels, code = {}, []
     for item in prog:
         if isinstance(item, str):
