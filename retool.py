@@ -641,7 +641,7 @@ class KVCache:
         if not use_flash(self.k):  # the cache holds q's dtype: bf16 under CUDA autocast
             causal = steps[:width] <= positions[:, :, None]  # (R, T, L)
             mask = torch.zeros(causal.shape, dtype=self.k.dtype, device=device).masked_fill_(~causal, float("-inf"))[:, None]
-        prefix = widest == 1 and table[:, 0].tolist() == list(range(R))
+        prefix = widest == 1 and [t[0] for t in tables] == list(range(R))  # from the lists: no device sync
         self.ctx = Context(positions, total, src, write, table, width, prefix, mask)
 
     def attend(self, q, k, v, layer):  # q (R, T, H, D), k/v (R, T, H_kv, D) -> (R, T, H, D)
