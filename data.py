@@ -17,7 +17,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import math_verify
@@ -158,19 +158,18 @@ def _problem(row: dict, where: str) -> Problem:
                    _get(row, ("answer", "output", "reward_model.ground_truth"), where))
 
 
+def load_eval(path) -> list[Problem]:
+    """Evaluation rows: `problem` | `question` | `input` with `answer` | `output` (AIME files)."""
+    return [_problem(row, where) for where, row in _rows(path)]
+
+
 def load_rl(path) -> list[Problem]:
     """RL prompts: DAPO rows (`prompt` chat list + `reward_model.ground_truth`) or flat rows.
     Repeated rows are dropped (the original DAPO-Math-17k file repeats its problems many times)."""
     problems = {}
-    for where, row in _rows(path):
-        p = _problem(row, where)
+    for p in load_eval(path):
         problems.setdefault((p.problem, p.answer), p)
     return list(problems.values())
-
-
-def load_eval(path) -> list[Problem]:
-    """Evaluation rows: `problem` | `question` | `input` with `answer` | `output` (AIME files)."""
-    return [_problem(row, where) for where, row in _rows(path)]
 
 
 def _prompt_and_response(messages, where: str = "messages") -> tuple[str, str]:
@@ -414,15 +413,13 @@ def _divisors(rng, level):
     return f"How many divisors does {n} have?", code, count
 
 
-def _gcd_lcm(name, fn):
-    def gen(rng, level):
-        # a shared factor, so that the answer is not almost always 1 (gcd) or the product (lcm)
-        g = _n(rng, level)
-        xs = [g * rng.randint(2, (9, 99, 999)[level - 1]) for _ in range((2, 3, 3)[level - 1])]
-        args = ", ".join(map(str, xs))
-        code = f"from math import {name}\nprint({name}({args}))"
-        return f"What is {name}({args})?", code, fn(*xs)
-    return gen
+def _gcd_lcm(rng, level, name):  # name: "gcd" or "lcm"
+    # a shared factor, so that the answer is not almost always 1 (gcd) or the product (lcm)
+    g = _n(rng, level)
+    xs = [g * rng.randint(2, (9, 99, 999)[level - 1]) for _ in range((2, 3, 3)[level - 1])]
+    args = ", ".join(map(str, xs))
+    code = f"from math import {name}\nprint({name}({args}))"
+    return f"What is {name}({args})?", code, getattr(math, name)(*xs)
 
 
 def _comb(rng, level):
@@ -432,7 +429,7 @@ def _comb(rng, level):
 
 
 KINDS = {"mul": _mul, "add": _add, "powmod": _powmod, "digitsum": _digitsum, "primes": _primes,
-         "divisors": _divisors, "gcd": _gcd_lcm("gcd", math.gcd), "lcm": _gcd_lcm("lcm", math.lcm),
+         "divisors": _divisors, "gcd": partial(_gcd_lcm, name="gcd"), "lcm": partial(_gcd_lcm, name="lcm"),
          "comb": _comb}
 LEVELS = (1, 2, 3)
 TEST_SHARE = 0.2  # of the problem space, by hash of the problem text
@@ -552,7 +549,6 @@ def builtin_tokenizer():
 
 
 # ----------------------------------------------------------------------------- grading
-
 
 SYMBOLIC_TIMEOUT = 2.0  # seconds; math-verify (sympy) can hang on adversarial or huge expressions
 SYMBOLIC_MAX_CHARS = 120  # longer answers are garbage or a derivation, not one answer: no sympy time
