@@ -68,6 +68,10 @@ def majority_answer(answers: list):
     return max(groups, key=lambda g: g[1])[0] if groups else None
 
 
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
 def compute_metrics(trajectories: list, golds: list) -> dict:
     """Trajectories ordered problem-major (the k samples of problem 0, then of problem 1, ...)."""
     if not golds or len(trajectories) % len(golds):
@@ -82,15 +86,12 @@ def compute_metrics(trajectories: list, golds: list) -> dict:
         per_problem.append({"gold": gold, "answers": ans, "correct": ok, "majority": maj,
                             "majority_correct": is_equiv(maj, gold)})
     calls = [c for t in trajectories for c in t.tool_calls]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     m = {"problems": len(golds), "k": k, "samples": len(trajectories),
          "avg@k": mean(correct),
          "pass@k": mean([pass_at_k(k, sum(p["correct"]), k) for p in per_problem]),
          "maj@k": mean([p["majority_correct"] for p in per_problem])}
-    j = 1
-    while j <= k:  # the pass@j curve, powers of two up to k
+    for j in (2 ** e for e in range(k.bit_length())):  # the pass@j curve, powers of two up to k
         m[f"pass@{j}"] = mean([pass_at_k(k, sum(p["correct"]), j) for p in per_problem])
-        j *= 2
     m.update({
         "answered": mean([a is not None for a in answers]),
         "code_ratio": mean([len(t.tool_calls) > 0 for t in trajectories]),
@@ -168,29 +169,6 @@ def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
     return Path(max(found)[1])
 
 
-def out_where(path: Path, out_flag) -> str:
-    """How a message names an output path. out_flag: what --out was given (None: the default place)."""
-    if out_flag is None:
-        return str(path)
-    return f"--out {out_flag}" if Path(out_flag) == path else f"--out {out_flag}: {path}"
-
-
-def check_out(path: Path, out_flag, want_dir=True):
-    """Before anything is evaluated: an output path that exists must be of the right kind."""
-    if path.exists() and path.is_dir() != want_dir:
-        raise EvalError(f"{out_where(path, out_flag)}: {'not a directory' if want_dir else 'is a directory'}")
-
-
-def out_paths(args, models: list, data_name: str):
-    """(an output directory per checkpoint, the comparison table's path or None). --out is the
-    directory itself for one model, the parent of each model's directory with --compare."""
-    suffix = f"-{data_name}{'-notools' if args.no_tools else ''}"  # with and without tools never collide
-    if not args.compare:
-        return [Path(args.out) if args.out else Path("out/eval") / (out_names(models)[0] + suffix)], None
-    root = Path(args.out or "out/eval")
-    return [root / (n + suffix) for n in out_names(models)], root / f"compare{suffix}.md"
-
-
 def load_problems(args):
     """-> (problems, the data's name in output paths)."""
     from data import builtin_problems, load_eval
@@ -205,7 +183,7 @@ def load_problems(args):
             problems, data_name = load_eval(path), path.stem
         except OSError as e:  # unreadable (permissions, a FIFO gone away): data.py only checks is_file
             raise EvalError(f"--data {path}: cannot read ({e.strerror or e})") from None
-    problems = problems[:args.limit] if args.limit else problems
+    problems = problems[:args.limit]  # --limit is None or >= 1
     if not problems:
         raise EvalError(f"--data {args.data}: no problems")
     return problems, data_name
@@ -219,6 +197,35 @@ def out_names(dirs) -> list:
     names = [p.name or "root" for p in paths]
     names = [f"{p.parent.name or 'root'}-{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
     return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def out_where(path: Path, out_flag) -> str:
+    """How a message names an output path. out_flag: what --out was given (None: the default place)."""
+    if out_flag is None:
+        return str(path)
+    return f"--out {out_flag}" if Path(out_flag) == path else f"--out {out_flag}: {path}"
+
+
+def check_outputs(args, models, data_name):
+    """(an output directory per checkpoint, the comparison table's path or None). --out is the directory
+    itself for one model, the parent of each model's directory with --compare. Every path is checked, then
+    created and probed for writing, before the first checkpoint is evaluated (that can take hours)."""
+    from retool import check_out_dir
+
+    suffix = f"-{data_name}{'-notools' if args.no_tools else ''}"  # with and without tools never collide
+    root = Path(args.out or "out/eval")
+    if args.compare:
+        outs, compare_md = [root / (n + suffix) for n in out_names(models)], root / f"compare{suffix}.md"
+    else:
+        outs, compare_md = [root if args.out else root / (out_names(models)[0] + suffix)], None
+    for path in ([root] if args.out else []) + outs:  # before anything is created: --out first
+        if path.exists() and not path.is_dir():
+            raise EvalError(f"{out_where(path, args.out)}: not a directory")
+    if compare_md and compare_md.is_dir():
+        raise EvalError(f"{out_where(compare_md, args.out)}: is a directory")
+    for out in outs + ([root] if compare_md else []):
+        check_out_dir(out, out_where(out, args.out))
+    return outs, compare_md
 
 
 def samples_page(tokenizer, trajs, res, problems, k, title) -> str:
@@ -237,9 +244,8 @@ def samples_page(tokenizer, trajs, res, problems, k, title) -> str:
 
 def run_one(model_dir: Path, args, problems, data_name: str, out: Path) -> dict:
     """Evaluate one checkpoint and write results.json / results.md / samples.jsonl / samples.html to `out`
-    (out_paths' directory for this checkpoint)."""
-    from retool import kv_budget_bytes
-    from retool import load_model
+    (check_outputs' directory for this checkpoint)."""
+    from retool import kv_budget_bytes, load_model
 
     model, tokenizer = load_model(model_dir)
     model.eval()
@@ -326,8 +332,7 @@ def plot(path: Path) -> Path:
 # CLI
 
 def parse_args(argv):
-    from retool import KV_BUDGET_HELP
-    from retool import CliParser
+    from retool import KV_BUDGET_HELP, CliParser
 
     p = CliParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory (default: the newest of out/rl, out/sft)")
@@ -372,26 +377,9 @@ def parse_args(argv):
     return args
 
 
-def check_outputs(args, models, data_name):
-    """Every output path is checked, then created and probed for writing, before the first checkpoint is
-    evaluated (that can take hours). -> (an output directory per checkpoint, the comparison table or None)."""
-    from retool import check_out_dir
-
-    outs, compare_md = out_paths(args, models, data_name)
-    for out in ([Path(args.out)] if args.out else []) + outs:
-        check_out(out, args.out)
-    if compare_md:
-        check_out(compare_md, args.out, want_dir=False)
-    for out in outs + ([compare_md.parent] if compare_md else []):
-        check_out_dir(out, out_where(out, args.out))
-    return outs, compare_md
-
-
 def main(argv=None):
-    from data import DataError
-    from data import load_template
-    from retool import KVBudgetError
-    from retool import ModelError, UsageError, check_model_dir
+    from data import DataError, load_template
+    from retool import KVBudgetError, ModelError, UsageError, check_model_dir
 
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
