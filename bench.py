@@ -32,12 +32,15 @@ from sandbox import PRELOAD, Sandbox
 TINY = {**retool.TINY_CONFIG, "tie_word_embeddings": False}  # the SFT preset's shape; untied: EOS rows pinned
 
 
-def timed(fn, repeat=3):
-    """Best of `repeat` wall times (the least disturbed run) and the last result."""
+def timed(fn, repeat=3, cuda=False):
+    """Best of `repeat` wall times (the least disturbed run) and the last result. cuda: each run waits
+    for the device, so the time is the kernels' and not their launch's."""
     best, out = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = fn()
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best, out
 
@@ -70,9 +73,12 @@ def decode_floor(model, batch, context, repeat=200):
     return secs / repeat
 
 
+def builtin_prompts(tokenizer, batch):
+    return [data.render_prompt(tokenizer, p.problem) for p in data.builtin_problems("test", batch, seed=1)]
+
+
 def bench_decode(model, tokenizer, hf, batch, new_tokens):
-    problems = data.builtin_problems("test", batch, seed=1)
-    prompts = [data.render_prompt(tokenizer, p.problem) for p in problems]
+    prompts = builtin_prompts(tokenizer, batch)
     width = min(map(len, prompts))
     prompts = [p[-width:] for p in prompts]  # equal lengths: no padding on either side
     ours_s, trajs = timed(lambda: retool.generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
@@ -88,8 +94,7 @@ def bench_decode(model, tokenizer, hf, batch, new_tokens):
 def bench_paged(model, tokenizer, batch=32, new_tokens=128):
     """The same greedy rows three ways: one block per row (the CPU default), blocks of KV_BLOCK with
     room for every row, and blocks of KV_BLOCK with a budget for half the rows."""
-    problems = data.builtin_problems("test", batch, seed=1)
-    prompts = [data.render_prompt(tokenizer, p.problem) for p in problems]
+    prompts = builtin_prompts(tokenizer, batch)
     longest = max(map(len, prompts)) + new_tokens
     half = retool.kv_bytes(model.config, longest * batch // 2, next(model.parameters()).element_size())
     runs = {}
@@ -113,10 +118,15 @@ def bench_interruptions(tokenizer, calls=4, batch=32):
     x, y, w = torch.tensor([ids[:-1]]), torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.float)
     for _ in range(150):
         loss = (torch.nn.functional.cross_entropy(model(x)[0], y, reduction="none") * w).sum() / w.sum()
-        opt.zero_grad(), loss.backward(), opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
     prompt = data.render_prompt(tokenizer, "Square 1 to 4.")
-    tool = lambda codes: [str(eval(c.strip()[6:-1])) for c in codes]  # noqa: E731  print(a*b) -> a*b
+
+    def tool(codes):  # print(a*b) -> a*b
+        return [str(eval(c.strip()[6:-1])) for c in codes]
+
     with_tool_s, trajs = timed(lambda: retool.generate(model, tokenizer, [prompt] * batch, temperature=0,
                                                        max_new_tokens=len(ids), tool=tool))
     n = len(trajs[0].response_ids)
@@ -195,14 +205,14 @@ def bench_cuda():
     x = torch.empty(2**28, dtype=torch.float32, device="cuda")
     y = torch.empty_like(x)
     torch.cuda.synchronize()
-    copy_s, _ = timed(lambda: (y.copy_(x), torch.cuda.synchronize()), repeat=5)
+    copy_s, _ = timed(lambda: y.copy_(x), repeat=5, cuda=True)
     bandwidth = 2 * x.numel() * 4 / copy_s  # bytes/s: read + write
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for batch in (1, 32):
         prompts = [[1] * 128] * batch
-        gen = lambda: (retool.generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0), torch.cuda.synchronize())  # noqa: E731
-        secs, (trajs, _) = timed(gen, repeat=2)
+        secs, trajs = timed(lambda: retool.generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0),
+                            repeat=2, cuda=True)
         steps = max(len(t.response_ids) for t in trajs)
         kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 128 * 2 * batch * (128 + steps / 2)
         rows.append((f"CUDA bf16 1.5B decode, batch {batch}", f"{batch * steps / secs:.0f} tok/s, "
