@@ -158,13 +158,13 @@ def _write_atomic(path: Path, write):
         raise EvalError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-def newest_checkpoint(candidates=DEFAULT_MODELS) -> Path:
+def newest_checkpoint() -> Path:
     from retool import MODEL_FILES
 
     found = [(max(f.stat().st_mtime for f in map(Path(d).joinpath, MODEL_FILES) if f.is_file()), d)
-             for d in candidates if any(Path(d, f).is_file() for f in MODEL_FILES)]
+             for d in DEFAULT_MODELS if any(Path(d, f).is_file() for f in MODEL_FILES)]
     if not found:
-        raise EvalError(f"no checkpoint in {' or '.join(candidates)}: train one "
+        raise EvalError(f"no checkpoint in {' or '.join(DEFAULT_MODELS)}: train one "
                         "(python retool.py --stage sft) or pass --model DIR")
     return Path(max(found)[1])
 
