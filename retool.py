@@ -318,7 +318,8 @@ class Transformer(nn.Module):
         if cache is not None:
             position_ids, attend = cache.ctx.positions, cache.attend
         elif document_ids is not None:
-            attend = lambda q, k, v, layer: packed_attention(q, k, v, document_ids)  # noqa: E731
+            def attend(q, k, v, layer):  # every layer masks by the same documents
+                return packed_attention(q, k, v, document_ids)
         else:
             attend = causal_attention
         if position_ids is None:
@@ -683,8 +684,12 @@ def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, dev
     scattered blocks would copy the whole cache every step: 24% of a decode step at batch 32); else
     KV_BLOCK."""
     flash = use_flash(torch.empty(0, device=device, dtype=dtype))
-    if block_size is None:
-        block_size = FLASH_KV_BLOCK if flash else max_len if kv_budget is None and device.type == "cpu" else KV_BLOCK
+    if block_size is None and flash:
+        block_size = FLASH_KV_BLOCK
+    elif block_size is None and kv_budget is None and device.type == "cpu":
+        block_size = max_len
+    elif block_size is None:
+        block_size = KV_BLOCK
     if flash:  # its paged kernel takes multiples of FLASH_KV_BLOCK only
         block_size = -(-block_size // FLASH_KV_BLOCK) * FLASH_KV_BLOCK
     else:
@@ -999,7 +1004,9 @@ class Engine:
 
     def after_token(self, i, token, logprob):
         t, lim = self.rows[i].traj, self.limits
-        t.response_ids.append(token), t.loss_mask.append(1), t.logprobs.append(logprob)
+        t.response_ids.append(token)
+        t.loss_mask.append(1)
+        t.logprobs.append(logprob)
         if token in lim.eos:
             return self.finish(i, "eos")
         if len(t.response_ids) >= lim.max_new_tokens or len(t.prompt_ids) + len(t.response_ids) >= lim.max_total_len:
@@ -1189,7 +1196,8 @@ def pack_documents(docs, pack_len, pad_id=0):
         n = min(len(docs[i][0]), pack_len)
         r = next((r for r, room in enumerate(free) if room >= n), len(rows))
         if r == len(rows):
-            rows.append([]), free.append(pack_len)
+            rows.append([])
+            free.append(pack_len)
         rows[r].append(i)
         free[r] -= n
     out = {k: torch.full((len(rows), pack_len), v, dtype=torch.long) for k, v in
@@ -1298,13 +1306,21 @@ def batch_indices(n_rows, batch, step, seed):
 
 # --- checkpoints and metrics -------------------------------------------------------------------
 
+# torch.distributed.checkpoint's views of a (possibly FSDP-sharded) model or optimizer: whole tensors,
+# to load into every rank; or whole tensors gathered into CPU memory, on rank 0 only (what a save writes).
+FULL_STATE = StateDictOptions(full_state_dict=True)
+GATHERED_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def _rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state):
-    torch.set_rng_state(state["torch"]), np.random.set_state(state["numpy"]), random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -1315,9 +1331,8 @@ def save_checkpoint(out_dir, step, model, optimizer, tokenizer, scheduler=None, 
     args.json (the run's flags, for --resume) when args is given.
     Collective under FSDP (call on every rank). Built in a temp dir, then renamed; only the last
     `keep` checkpoints stay. Returns the path."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only
-    model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    model_sd = get_model_state_dict(model, options=GATHERED_STATE)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=GATHERED_STATE)
     root = os.path.join(out_dir, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f".tmp_step_{step:07d}")
     if global_rank() == 0:
@@ -1355,7 +1370,7 @@ def fresh_run(out_dir):
 def save_final(out_dir, model, tokenizer, stage):
     """The finished model (HF format) into out_dir beside metrics.jsonl and checkpoints/; collective
     under FSDP."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=GATHERED_STATE)
     if global_rank() == 0:
         save_model(model, tokenizer, out_dir, state_dict=state)
         print(f"{stage}: saved the model in {out_dir} (beside metrics.jsonl and checkpoints/)", file=sys.stderr)
@@ -1372,11 +1387,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None):
     """Restores what save_checkpoint wrote (into a plain or an FSDP-sharded model) and this rank's
     RNG states; returns the train state dict ({"step", "extra", ...})."""
     plain, _ = load_model(os.path.join(path, "model"), device="cpu")
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, plain.state_dict(), options=full)
+    set_model_state_dict(model, plain.state_dict(), options=FULL_STATE)
     state = read_pt(os.path.join(path, "train_state.pt"))
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL_STATE)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     rng = os.path.join(path, f"rng_rank{global_rank()}.pt")
@@ -1443,8 +1457,10 @@ class CliParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: v > 0, "positive"), (lambda v: v >= 0, ">= 0"), \
-    (lambda v: 0 <= v <= 1, "in [0, 1]")
+# check_flags' rules: (test, what the message says a value must be)
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 KV_BUDGET_HELP = ("KV cache for generation per GPU, in GiB (default: room for every row on CPU, the free "
                   "memory less 10%% on CUDA); rows past it wait and are resumed, with the same tokens")
 ARGS_FILE = "args.json"  # a checkpoint's run flags, which --resume takes back
@@ -1729,7 +1745,9 @@ def _sft_run(a):
     micro = a.micro_batch or max(1, a.batch // world)
     if a.batch % (micro * world):
         raise UsageError(f"--batch {a.batch} is not a multiple of --micro-batch {micro} x {world} ranks")
-    torch.manual_seed(a.seed), np.random.seed(a.seed), random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    random.seed(a.seed)
     if a.model:  # on CPU in fp32: the optimizer keeps fp32 weights, CUDA runs under bf16 autocast
         model, tok = load_model(a.model, device="cpu", dtype=torch.float32)
     else:
@@ -2284,18 +2302,16 @@ def resume_rl(a, policy, opt, critic, copt, run) -> int:
     if critic is not None:
         if "critic" not in state["extra"]:
             raise UsageError(f"--resume: {ckpt} holds no critic (a GRPO run?); resume with --algo grpo")
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(critic, state["extra"]["critic"], options=full)
-        set_optimizer_state_dict(critic, copt, state["extra"]["critic_opt"], options=full)
+        set_model_state_dict(critic, state["extra"]["critic"], options=FULL_STATE)
+        set_optimizer_state_dict(critic, copt, state["extra"]["critic_opt"], options=FULL_STATE)
     return state["step"]
 
 
 def save_rl_checkpoint(a, step, policy, opt, critic, copt, tok, run):
     extra = {"run": run}
     if critic is not None:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        extra.update(critic=get_model_state_dict(critic, options=opts),
-                     critic_opt=get_optimizer_state_dict(critic, copt, options=opts))
+        extra.update(critic=get_model_state_dict(critic, options=GATHERED_STATE),
+                     critic_opt=get_optimizer_state_dict(critic, copt, options=GATHERED_STATE))
     save_checkpoint(a.out, step, policy, opt, tok, extra=extra, args=vars(a))
 
 
