@@ -382,13 +382,13 @@ def default_preset(model_path) -> str:
     return "tiny" if n < TINY_PRESET_MAX_PARAMS else "real"
 
 
-def read_json(path: Path, what: str = "a JSON object") -> dict:
+def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: unreadable ({e})") from None
     if not isinstance(value, dict):
-        raise ModelError(f"{path}: expected {what}")
+        raise ModelError(f"{path}: expected a JSON object")
     return value
 
 
@@ -751,6 +751,12 @@ class Trajectory:
     finish_reason: str = ""  # "eos", "length", "stop" or "max_tool_calls"
     text: str = ""
 
+    def extend(self, ids: list, logprobs: list | None = None):
+        """Append response ids: sampled, with their log-probs, or injected (logprobs None)."""
+        self.response_ids += ids
+        self.loss_mask += [0 if logprobs is None else 1] * len(ids)
+        self.logprobs += [0.0] * len(ids) if logprobs is None else logprobs
+
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -841,6 +847,10 @@ class Limits:
     may_end: set  # only a token containing a tail's last character can complete one
     window: int  # tokens enough to hold the longest tail
 
+    def too_long(self, traj: Trajectory, more: int = 0) -> bool:  # with `more` response ids, at a length limit?
+        response = len(traj.response_ids) + more
+        return response >= self.max_new_tokens or len(traj.prompt_ids) + response >= self.max_total_len
+
 
 class Engine:
     """Continuous batching of at most `slots` rows over one paged KVCache, with the tool interruption.
@@ -863,28 +873,32 @@ class Engine:
         self.running = {}  # future -> the row indices whose code it runs
         self.pool = ThreadPoolExecutor(max_workers=4) if tool else None
 
-    def run(self):
-        while self.waiting or self.active or self.running:
-            # 1. admit waiting rows while a slot and the blocks of their ids are free
-            self.admit()
-            # 2. collect finished tool calls (waiting for one when no row can feed) and resume their rows
-            self.collect_tools(block=not any(self.rows[i].state == FEEDING for i in self.active))
-            # 3. blocks for what each feeding row writes next, preempting the newest rows when none are free
-            ready = self.reserve([i for i in self.active if self.rows[i].state == FEEDING])
-            # 4-5. chunks (prompts, interpreter output) and single-token decodes go in separate forwards
-            # so that one long prompt does not pad every decoding row to its length
-            chunks = [i for i in ready if self.rows[i].length() - self.rows[i].cached > 1]
-            decodes = [i for i in ready if self.rows[i].length() - self.rows[i].cached == 1]
-            for group in (chunks, decodes):
-                if group:
-                    self.forward(group)
-            # 6. send the newly paused rows' code, one batch per step: the sandbox runs it in parallel
-            paused = [i for i in chunks + decodes if self.rows[i].state == PAUSED]
-            if paused:
-                codes = [self.rows[i].traj.tool_calls[-1].code for i in paused]
-                self.running[self.pool.submit(run_tool, self.tool, codes)] = paused
-                for i in paused:
-                    self.rows[i].state = TOOL
+    def run(self) -> list:
+        try:
+            while self.waiting or self.active or self.running:
+                # 1. admit waiting rows while a slot and the blocks of their ids are free
+                self.admit()
+                # 2. collect finished tool calls (waiting for one when no row can feed) and resume their rows
+                self.collect_tools(block=not any(self.rows[i].state == FEEDING for i in self.active))
+                # 3. blocks for what each feeding row writes next, preempting the newest rows when none are free
+                ready = self.reserve([i for i in self.active if self.rows[i].state == FEEDING])
+                # 4-5. chunks (prompts, interpreter output) and single-token decodes go in separate forwards
+                # so that one long prompt does not pad every decoding row to its length
+                chunks = [i for i in ready if self.rows[i].length() - self.rows[i].cached > 1]
+                decodes = [i for i in ready if self.rows[i].length() - self.rows[i].cached == 1]
+                for group in (chunks, decodes):
+                    if group:
+                        self.forward(group)
+                # 6. send the newly paused rows' code, one batch per step: the sandbox runs it in parallel
+                paused = [i for i in chunks + decodes if self.rows[i].state == PAUSED]
+                if paused:
+                    codes = [self.rows[i].traj.tool_calls[-1].code for i in paused]
+                    self.running[self.pool.submit(run_tool, self.tool, codes)] = paused
+                    for i in paused:
+                        self.rows[i].state = TOOL
+        finally:
+            if self.pool:
+                self.pool.shutdown(wait=False, cancel_futures=True)
         return [r.traj for r in self.rows]
 
     def shared_prefix(self, row) -> tuple:
@@ -964,13 +978,10 @@ class Engine:
                 keep, block_ids = close_code(self.tokenizer, t.response_ids, interpreter_block(feedback, self.official))
                 if not keep:  # the row's last sampled token (</code>'s) was never fed: nothing to uncache
                     del t.response_ids[-1], t.loss_mask[-1], t.logprobs[-1]
-                if len(t.response_ids) + len(block_ids) >= self.limits.max_new_tokens or \
-                        len(t.prompt_ids) + len(t.response_ids) + len(block_ids) >= self.limits.max_total_len:
+                if self.limits.too_long(t, len(block_ids)):
                     self.finish(i, "length")
                     continue
-                t.response_ids += block_ids
-                t.loss_mask += [0] * len(block_ids)
-                t.logprobs += [0.0] * len(block_ids)
+                t.extend(block_ids)
                 if i in self.active:
                     self.rows[i].state = FEEDING
                 else:  # preempted while its code ran
@@ -1004,12 +1015,10 @@ class Engine:
 
     def after_token(self, i, token, logprob):
         t, lim = self.rows[i].traj, self.limits
-        t.response_ids.append(token)
-        t.loss_mask.append(1)
-        t.logprobs.append(logprob)
+        t.extend([token], [logprob])
         if token in lim.eos:
             return self.finish(i, "eos")
-        if len(t.response_ids) >= lim.max_new_tokens or len(t.prompt_ids) + len(t.response_ids) >= lim.max_total_len:
+        if lim.too_long(t):
             return self.finish(i, "length")
         if token not in lim.may_end:
             return
@@ -1040,15 +1049,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     """Sample a response for every prompt (strings or token-id lists) -> list[Trajectory].
 
     At most max_batch rows decode at once; a finished row frees its slot for the next prompt. With a
-    tool (list of code strings -> list of feedback strings or sandbox Results), a row whose text
-    gains </code> waits for its code to run while the others keep decoding, then gets
-    its interpreter block fed into its cache as one chunk. seed: an int, or one per
-    prompt (rollouts that must not depend on how prompts are split across ranks). official: the
-    official ReTool interpreter block (data.interpreter_block). Ids past len(tokenizer) (a padded
-    head's rows) are never sampled. on_finish(i) is called as prompt i's row finishes (a progress bar).
-    The KV cache is paged (make_cache): kv_budget bytes (default: all rows at full length on CPU, the
-    free memory on CUDA) of blocks of block_size positions; a block size past max_total_len is one
-    contiguous block per row. Rows past the budget are preempted and resumed: the same tokens."""
+    tool (code strings -> feedback strings or sandbox Results), a row whose text gains </code> waits
+    for its code to run while the others decode, then gets its interpreter block fed as one chunk.
+    seed: an int, or one per prompt (rollouts that must not depend on how prompts are split across
+    ranks). official: the official ReTool interpreter block. Ids past len(tokenizer) (a padded head's
+    rows) are never sampled. on_finish(i): prompt i's row finished (a progress bar). kv_budget and
+    block_size size the paged cache (make_cache); rows past the budget are preempted and resumed with
+    the same tokens."""
     prompts = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
     if not prompts:
         return []
@@ -1056,10 +1063,10 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
         raise ValueError("generate: empty prompt (a prompt needs at least one token)")
     seeds = seed if isinstance(seed, (list, tuple)) else [
         None if seed is None else seed * 1_000_003 + i for i in range(len(prompts))]
-    longest = max(map(len, prompts)) + max_new_tokens
-    max_total_len = min(max_total_len or longest, longest)
-    if max(map(len, prompts)) >= max_total_len:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens does not fit max_total_len={max_total_len}")
+    longest = max(map(len, prompts))
+    max_total_len = min(max_total_len or longest + max_new_tokens, longest + max_new_tokens)
+    if longest >= max_total_len:
+        raise ValueError(f"a prompt of {longest} tokens does not fit max_total_len={max_total_len}")
     tails = tuple(stop) + (("</code>",) if tool else ())
     may_end = {i for i, s in enumerate(token_texts(tokenizer)) if any(t[-1] in s for t in tails)}
     limits = Limits(max_new_tokens, max_total_len, max_tool_calls, stop_ids(tokenizer), tails, may_end,
@@ -1068,13 +1075,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     dtype = torch.bfloat16 if param.device.type == "cuda" else param.dtype
     cache = make_cache(model.config, max_len=max_total_len, rows=slots, kv_budget=kv_budget, block_size=block_size,
                        device=param.device, dtype=dtype)
-    engine = Engine(model, tokenizer, prompts, seeds, limits, (temperature, top_p, top_k), tool, official, cache,
-                    slots, on_finish=on_finish)
-    try:
-        results = engine.run()
-    finally:
-        if engine.pool:
-            engine.pool.shutdown(wait=False, cancel_futures=True)
+    results = Engine(model, tokenizer, prompts, seeds, limits, (temperature, top_p, top_k), tool, official, cache,
+                     slots, on_finish=on_finish).run()
     for t in results:
         t.text = decode(tokenizer, t.response_ids, skip_special_tokens=True)
     return results
@@ -1090,8 +1092,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
 
 def setup_distributed():
     """(rank, world_size, device). Joins the process group when launched by torchrun (RANK set):
-    nccl on CUDA, gloo on CPU; a plain `python` run is rank 0 of 1."""
+    nccl on CUDA, gloo on CPU; a plain `python` run is rank 0 of 1. On CPU torch takes half the cores
+    unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin-wait for a core another process
+    holds collapse (SFT, 2 threads on a busy 2-core box: 700 tokens/s, 1 thread: 11,000), and RL
+    leaves the other half to the sandbox's workers (generation 60x slower on 2 cores with 2 threads)."""
     cuda = torch.cuda.is_available()
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     if not dist.is_initialized():
@@ -1738,10 +1745,6 @@ def resume_sft(a, model, opt, sched, n_rows, steps) -> int:
 
 def _sft_run(a):
     rank, world, device = setup_distributed()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Half the cores: when another process holds a core, OpenMP threads that spin-wait for it
-        # collapse (2 threads on a busy 2-core box: 700 tokens/s; 1 thread: 11,000).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     micro = a.micro_batch or max(1, a.batch // world)
     if a.batch % (micro * world):
         raise UsageError(f"--batch {a.batch} is not a multiple of --micro-batch {micro} x {world} ranks")
@@ -2328,10 +2331,6 @@ def _rl_run(a):
     if a.prompts % (a.mini_batches * world):
         raise UsageError(f"--prompts {a.prompts} is not a multiple of --mini-batches {a.mini_batches} "
                          f"x {world} ranks")
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # leave half the cores to the sandbox: intra-op threads that compete with its workers spin
-        # (measured on 2 cores: generation 60x slower with 2 threads than with 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     torch.manual_seed(a.seed)
     problems = load_rl(a.data) if a.data else builtin_problems("train", a.train_problems, seed=a.seed)
     policy, tok = load_model(a.model, device="cpu", dtype=torch.float32)
