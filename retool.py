@@ -801,13 +801,18 @@ def close_code(tokenizer, response_ids, block: str) -> tuple[bool, list]:
     return False, tokenizer.encode(head, add_special_tokens=False) + tokenizer.encode(block, add_special_tokens=False)
 
 
+def call_tool(tool, codes) -> list:
+    """tool(codes) as a list; a ValueError when it answers another number of results than calls."""
+    results = list(tool(codes))
+    if len(results) != len(codes):
+        raise ValueError(f"the tool answered {len(results)} results for {len(codes)} calls")
+    return results
+
+
 def run_tool(tool, codes):
     """A tool failure of any kind becomes the feedback of its calls, never a crashed rollout."""
     try:
-        results = list(tool(codes))
-        if len(results) != len(codes):
-            raise ValueError(f"the tool answered {len(results)} results for {len(codes)} calls")
-        return [(r, "ok") if isinstance(r, str) else (r.feedback, r.status) for r in results]
+        return [(r, "ok") if isinstance(r, str) else (r.feedback, r.status) for r in call_tool(tool, codes)]
     except Exception as e:  # noqa: BLE001
         return [(f"{type(e).__name__}: {e}", "internal")] * len(codes)
 
@@ -1222,7 +1227,10 @@ def pack_documents(docs, pack_len, pad_id=0):
     return out
 
 
-def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True, chunk=1024, position_ids=None,
+HEAD_CHUNK = 1024  # logprobs_entropy's positions per head chunk: its fp32 logits and their gradient (the plan's too)
+
+
+def logprobs_entropy(model, ids, temperature=1.0, with_entropy=True, chunk=HEAD_CHUNK, position_ids=None,
                      document_ids=None):
     """(B, L) ids -> float32 next-token log-probs (B, L-1) and entropies (B, L-1) under `temperature`
     (the rollouts'); position t scores ids[:, t + 1]. The same op order for the old and the new
@@ -1594,7 +1602,6 @@ def sft_args(argv):
 
 GIB = 2 ** 30
 PLAN_PROMPT_TOKENS = 1024  # a rollout's prompt allowance (DAPO-Math prompts are a few hundred tokens)
-HEAD_CHUNK = 1024  # logprobs_entropy's positions per head chunk: its fp32 logits and their gradient
 
 
 @dataclass
@@ -1949,9 +1956,7 @@ def cached(tool, counts):
             counts["hits"] += len(codes) - len(mine)
         if mine:
             try:
-                out = list(tool(list(mine)))
-                if len(out) != len(mine):
-                    raise ValueError(f"the tool answered {len(out)} results for {len(mine)} calls")
+                out = call_tool(tool, list(mine))
             except Exception as e:  # the waiters see it too; run_tool makes it their feedback
                 for f in mine.values():
                     f.set_exception(e)
