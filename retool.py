@@ -1613,7 +1613,6 @@ class MemoryPlan:  # bytes per GPU
     usable: float
     gathered: float = 0.0  # RL: the policy's bf16 weights during generation
     kv_token: float = 0.0  # bf16 keys and values of one position, all layers
-    rollout_len: int = 0
 
     @property
     def training(self):
@@ -1628,8 +1627,8 @@ class MemoryPlan:  # bytes per GPU
         return max(0, int(blocks // -(-length // FLASH_KV_BLOCK)))
 
 
-def memory_plan(config: ModelConfig, *, gpus, gpu_gb, tokens, checkpointing, critic=False, rollout_len=0):
-    """The plan of one training micro-batch of `tokens` positions and, with rollout_len, generation."""
+def memory_plan(config: ModelConfig, *, gpus, gpu_gb, tokens, checkpointing, critic=False, generation=False):
+    """The plan of one training micro-batch of `tokens` positions and, with generation, the rollouts'."""
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(config).parameters())
     C, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
@@ -1640,9 +1639,8 @@ def memory_plan(config: ModelConfig, *, gpus, gpu_gb, tokens, checkpointing, cri
     layers_kept = 1 if checkpointing else L  # checkpointing keeps the fp32 block inputs, recomputes one block
     act = tokens * (L * C * 4 + layers_kept * block * 2) + 2 * HEAD_CHUNK * V * 4
     plan = MemoryPlan(4 * held / gpus, 4 * trained / gpus, 8 * trained / gpus, act, gpu_gb * 1e9 * (1 - MEMORY_MARGIN))
-    if rollout_len:
-        plan.gathered, plan.rollout_len = 2 * n, rollout_len
-        plan.kv_token = kv_bytes(config, 1)
+    if generation:
+        plan.gathered, plan.kv_token = 2 * n, kv_bytes(config, 1)
     return plan
 
 
@@ -1657,7 +1655,7 @@ def plan_main(a, stage):
     length = a.pack_len if stage == "sft" else PLAN_PROMPT_TOKENS + a.max_new_tokens
     plan = memory_plan(config, gpus=a.gpus, gpu_gb=a.gpu_memory, tokens=micro * length,
                        checkpointing=a.activation_checkpointing, critic=stage == "rl" and a.algo == "ppo",
-                       rollout_len=length if stage == "rl" else 0)
+                       generation=stage == "rl")
     rows = [("master weights (fp32, sharded)", plan.master), ("gradients (fp32, sharded)", plan.grads),
             ("optimizer state (AdamW, sharded)", plan.optimizer),
             (f"activations ({micro} x {length} tokens{', checkpointed' if a.activation_checkpointing else ''})",
