@@ -90,8 +90,10 @@ def compute_metrics(trajectories: list, golds: list) -> dict:
          "avg@k": mean(correct),
          "pass@k": mean([pass_at_k(k, sum(p["correct"]), k) for p in per_problem]),
          "maj@k": mean([p["majority_correct"] for p in per_problem])}
-    for j in (2 ** e for e in range(k.bit_length())):  # the pass@j curve, powers of two up to k
+    j = 1
+    while j <= k:  # the pass@j curve, powers of two up to k
         m[f"pass@{j}"] = mean([pass_at_k(k, sum(p["correct"]), j) for p in per_problem])
+        j *= 2
     m.update({
         "answered": mean([a is not None for a in answers]),
         "code_ratio": mean([len(t.tool_calls) > 0 for t in trajectories]),

@@ -684,12 +684,13 @@ def make_cache(config: ModelConfig, *, max_len, rows, kv_budget, block_size, dev
     scattered blocks would copy the whole cache every step: 24% of a decode step at batch 32); else
     KV_BLOCK."""
     flash = use_flash(torch.empty(0, device=device, dtype=dtype))
-    if block_size is None and flash:
-        block_size = FLASH_KV_BLOCK
-    elif block_size is None and kv_budget is None and device.type == "cpu":
-        block_size = max_len
-    elif block_size is None:
-        block_size = KV_BLOCK
+    if block_size is None:
+        if flash:
+            block_size = FLASH_KV_BLOCK
+        elif kv_budget is None and device.type == "cpu":
+            block_size = max_len
+        else:
+            block_size = KV_BLOCK
     if flash:  # its paged kernel takes multiples of FLASH_KV_BLOCK only
         block_size = -(-block_size // FLASH_KV_BLOCK) * FLASH_KV_BLOCK
     else:
@@ -1069,7 +1070,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     seeds = seed if isinstance(seed, (list, tuple)) else [
         None if seed is None else seed * 1_000_003 + i for i in range(len(prompts))]
     longest = max(map(len, prompts))
-    max_total_len = min(max_total_len or longest + max_new_tokens, longest + max_new_tokens)
+    reachable = longest + max_new_tokens  # no row can grow past this: a larger max_total_len buys nothing
+    max_total_len = min(max_total_len or reachable, reachable)
     if longest >= max_total_len:
         raise ValueError(f"a prompt of {longest} tokens does not fit max_total_len={max_total_len}")
     tails = tuple(stop) + (("</code>",) if tool else ())
