@@ -83,6 +83,7 @@ NPROC, NOFILE = 128, 256  # processes+threads per snippet; open files per proces
 MARK = "\n[... output truncated ...]\n"
 WATCH_TICK_S = 0.1  # how often a running snippet's memory is checked (cgroup OOM kills, or the watchdog)
 REAP_GRACE_S = 10  # a worker that has not reaped a killed snippet by then is broken
+EXIT_POLL_S = 0.01  # how often the zygote looks for workers still cleaning up (degraded mode)
 WORKER_START_S = 300  # the zygote imports numpy and sympy first
 
 
@@ -95,10 +96,6 @@ class Result:
     wall_s: float
     cpu_s: float
     feedback: str  # what the model sees (module docstring)
-
-
-def _internal(err):
-    return Result("internal", "", "", None, 0.0, 0.0, f"Sandbox error: {err}")
 
 
 @dataclass
@@ -216,7 +213,7 @@ class Sandbox(_Closing):
         except Exception as e:  # noqa: BLE001 - the machinery failed, not the snippet
             with contextlib.suppress(Exception):  # else retried on the next call
                 self._replace(worker)
-            return _internal(repr(e))
+            return Result("internal", "", "", None, 0.0, 0.0, f"Sandbox error: {e!r}")
 
     def _replace(self, worker):
         worker.sock.close()  # retired: a hung worker sees EOF and exits, and its child with it
@@ -388,8 +385,44 @@ def _read(path):
         return f.read()
 
 
-def _ppid(stat):  # /proc/PID/stat: the parent's pid comes after the command name, which may hold ")"
-    return int(stat.rsplit(")", 1)[1].split()[1])
+@dataclass
+class _Stat:
+    state: bytes  # b"Z": a zombie
+    ppid: int
+    session: int
+
+
+def _stat(pid, buf):
+    """The _Stat of a process from /proc/PID/stat, or None once it is gone. The line is read into buf,
+    reused and zeroed: its command name is the snippet's data, and a worker's memory is what the
+    next snippet is forked from. Nothing past the session is parsed (the exit code is there)."""
+    n = 0
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            n = os.readv(fd, [buf])
+        finally:
+            os.close(fd)
+        start = end = buf.rfind(b")", 0, n) + 2  # after the command name, which may hold ")"
+        for _ in range(4):  # state, ppid, pgrp, session
+            end = buf.index(b" ", end, n) + 1
+        state, ppid, _, session = buf[start:end].split()
+        return _Stat(bytes(state), int(ppid), int(session))
+    except (OSError, ValueError):  # a process that just ended (an empty read)
+        return None
+    finally:
+        buf[:n] = bytes(n)
+
+
+def _processes(buf):
+    """{pid: _Stat} of every process in /proc (/proc/PID/task/TID/children needs a kernel option)."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = _stat(entry.name, buf)
+            if stat is not None:
+                found[int(entry.name)] = stat
+    return found
 
 
 def _memory_watchdog(pidfd, limit, shared_pids=False):
@@ -398,17 +431,16 @@ def _memory_watchdog(pidfd, limit, shared_pids=False):
     With shared_pids (no PID namespace) a snippet's orphans are reparented to its worker (a child
     subreaper), so the tree counted is the worker's, the worker itself left out."""
     root = int(re.search(r"Pid:\s*(-?\d+)", _read(f"/proc/self/fdinfo/{pidfd}")).group(1))
-    skip = None
+    skip, buf = None, bytearray(STAT_SIZE)
     if shared_pids:
-        with contextlib.suppress(OSError):  # (gone already: its own tree, which is then empty)
-            root = skip = _ppid(_read(f"/proc/{root}/stat"))
+        stat = _stat(root, buf)
+        if stat is not None:  # (gone already: its own tree, which is then empty)
+            root = skip = stat.ppid
 
     def over():
         children = {}
-        for entry in os.scandir("/proc"):
-            with contextlib.suppress(OSError, IndexError):  # a process that just ended
-                if entry.name.isdigit():
-                    children.setdefault(_ppid(_read(f"/proc/{entry.name}/stat")), []).append(int(entry.name))
+        for pid, stat in _processes(buf).items():
+            children.setdefault(stat.ppid, []).append(pid)
         total, todo = 0, [root]
         while todo:
             pid = todo.pop()
@@ -584,13 +616,17 @@ def _python_paths():
     return keep
 
 
-def _enter_user_namespace():
-    """Not root: become root of a new user namespace (the user's id mapped to 0, as bwrap does)."""
-    uid, gid = os.geteuid(), os.getegid()
+def _new_user_namespace(inside, uid, gid):
+    """unshare(CLONE_NEWUSER), with `inside` as the uid and gid that uid and gid of the parent's map to."""
     _unshare(CLONE_NEWUSER)
     _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
-    _write("/proc/self/uid_map", f"0 {uid} 1")
-    _write("/proc/self/gid_map", f"0 {gid} 1")
+    _write("/proc/self/uid_map", f"{inside} {uid} 1")
+    _write("/proc/self/gid_map", f"{inside} {gid} 1")
+
+
+def _enter_user_namespace():
+    """Not root: become root of a new user namespace (the user's id mapped to 0, as bwrap does)."""
+    _new_user_namespace(0, os.geteuid(), os.getegid())
     # Our PID namespace belongs to the host's user namespace: we could not return to it after
     # forking a worker into a new one. So go on as init of a PID namespace that is ours.
     _unshare(CLONE_NEWPID)
@@ -665,13 +701,13 @@ def _zygote(cfg, ctl_fd):
     cgroup = _cgroup_parent()
     _step(iso, "mount_namespace", lambda: _prepare_root(userns), False)
     pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
-    _step(iso, "pid_namespace", lambda: _fork_worker_probe(pidns), False)
+    _step(iso, "pid_namespace", lambda: _pid_namespace_probe(pidns), False)
     iso = _probe(iso, cfg, pidns, userns, cgroup)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers reap themselves
     gc.freeze()  # forked children then never copy the zygote's objects to collect them
     _huge_pages()
     ctl.send(json.dumps({"isolation": iso, "missing": missing}).encode())
-    workers, leaving = [], []  # leaving: pidfds of degraded workers, which clean up the host's /tmp as they exit
+    workers = []
     while True:
         try:
             fds = _fds(ctl.recvmsg(16, socket.CMSG_SPACE(4))[1])
@@ -680,46 +716,26 @@ def _zygote(cfg, ctl_fd):
         if not fds:  # the supervisor is gone
             if cgroup is not None:
                 _remove_cgroups(cgroup, workers)
-            _await_workers(leaving)
+            if not iso["mount_namespace"]:
+                _await_workers()
             os._exit(0)
-        pid = _fork_worker(iso, cfg, pidns, userns)
+        pid = _fork(iso["pid_namespace"], pidns)
         if pid == 0:
             ctl.close()
             _worker(socket.socket(fileno=fds[0]), iso, cfg, pidns, userns, cgroup)
         workers.append(pid)
-        if not iso["mount_namespace"]:
-            leaving = _track_worker(leaving, pid)
         _close(*fds)
         ctl.send(b"+")
 
 
-def _track_worker(pidfds, pid):
-    """Degraded mode: a pidfd of the new worker (opened just after the fork: a worker is alive for
-    milliseconds at least, so the pid is still its own), those of workers that have exited dropped."""
-    alive = []
-    for fd in pidfds:
-        if _exited(fd, 0):
-            os.close(fd)
-        else:
-            alive.append(fd)
-    with contextlib.suppress(OSError):
-        alive.append(os.pidfd_open(pid))
-    return alive
-
-
-def _await_workers(pidfds):
+def _await_workers():
     """Degraded mode: our exit would kill the workers (their parent-death signal) before they killed
     what their snippets left and removed their dirs in the host's /tmp; they exit on their own once
-    the supervisor is gone (EOF on their sockets), so wait for that, for REAP_GRACE_S at most."""
-    deadline = time.monotonic() + REAP_GRACE_S
-    for fd in pidfds:
-        _exited(fd, max(deadline - time.monotonic(), 0))
-
-
-def _exited(pidfd, timeout_s):  # poll, not select: no FD_SETSIZE limit on the fd's number
-    poll = select.poll()
-    poll.register(pidfd, select.POLLIN)
-    return bool(poll.poll(timeout_s * 1000))
+    the supervisor is gone (EOF on their sockets), so wait until no child of ours is left (SIGCHLD
+    is ignored: none lingers as a zombie), for REAP_GRACE_S at most."""
+    deadline, buf = time.monotonic() + REAP_GRACE_S, bytearray(STAT_SIZE)
+    while _children(buf) and time.monotonic() < deadline:
+        time.sleep(EXIT_POLL_S)
 
 
 def _huge_pages():
@@ -749,29 +765,26 @@ def _remove_cgroups(cgroup, pids):
             time.sleep(0.01)
 
 
-def _fork_worker_probe(pidns):  # can we make a PID namespace for a child and come back to ours?
+def _pid_namespace_probe(pidns):  # can we make a PID namespace for a child and come back to ours?
     _unshare(CLONE_NEWPID)
-    _setns(pidns)
+    _check(_libc.setns(pidns, CLONE_NEWPID), "setns")
 
 
-def _setns(fd):  # our later forks: children in our own PID namespace again
-    _check(_libc.setns(fd, CLONE_NEWPID), "setns")
-
-
-def _fork_worker(iso, cfg, pidns, userns):
-    """Fork; the child is init of a PID namespace of its own when granted."""
-    if iso["pid_namespace"]:
+def _fork(new_pid_namespace, pidns):
+    """Fork; with new_pid_namespace the child is init of a PID namespace of its own, and our later
+    children are born in pidns (ours) again."""
+    if new_pid_namespace:
         _unshare(CLONE_NEWPID)
     pid = os.fork()
-    if pid and iso["pid_namespace"]:
-        _setns(pidns)
+    if pid and new_pid_namespace:
+        _check(_libc.setns(pidns, CLONE_NEWPID), "setns")
     return pid
 
 
 def _probe(iso, cfg, pidns, userns, cgroup):
     """Try the worker's and the snippet's protections in a child set up like both; returns what worked."""
     r, w = os.pipe()
-    pid = _fork_worker(iso, cfg, pidns, userns)
+    pid = _fork(iso["pid_namespace"], pidns)
     if pid == 0:
         state = None
         try:
@@ -808,7 +821,6 @@ class _State:
     keep: dict = field(default_factory=dict)  # python dir under /tmp -> O_PATH fd, bound into each fresh /tmp
     tmp_mounted: bool = False
     cgroup: tuple | None = None  # the zygote's cgroup: (dir fd, limit file, events file)
-    cgroup_name: str = ""  # ours, inside it
     oom_fd: int | None = None  # its OOM events file
     ooms: int = 0
     siginfo: ctypes.Array = field(default_factory=lambda: ctypes.create_string_buffer(SIGINFO_SIZE))
@@ -902,7 +914,6 @@ def _join_cgroup(state, host_pid):
     fd, limit_file, _ = state.cgroup
     name = f"retool-sb-{host_pid}"
     os.mkdir(name, dir_fd=fd)
-    state.cgroup_name = name
     _write(f"{name}/{limit_file}", str((state.cfg.memory_mb + state.cfg.disk_mb) << 20), fd)
     _write(f"{name}/cgroup.procs", "0", fd)  # ourselves, so every child is born inside
     state.oom_fd = os.open(f"{name}/{state.cgroup[2]}", os.O_RDONLY, dir_fd=fd)
@@ -988,7 +999,7 @@ def _kill_children(state):
     come to us, the subreaper, so the scan repeats). A child cannot be reaped by anyone else, so its
     pid names it until we reap it: no kill here can reach an unrelated process."""
     while True:
-        children = _children(state)
+        children = _children(state.stat)
         if not children:
             return
         for pid in children:
@@ -998,27 +1009,10 @@ def _kill_children(state):
             _libc.waitpid(pid, None, 0)  # no status kept: a child's exit code is snippet data
 
 
-def _children(state):
-    """Our children, from the parents in the host's /proc (/proc/PID/task/TID/children needs a kernel
-    option). Each stat line is read into one reused, zeroed buffer: a command name is the snippet's
-    data, and the next snippet is forked from our memory."""
-    me, found = os.getpid(), []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        n = 0
-        with contextlib.suppress(OSError, ValueError):  # a process that just ended (an empty read)
-            fd = os.open(f"/proc/{entry.name}/stat", os.O_RDONLY)
-            try:
-                n = os.readv(fd, [state.stat])
-            finally:
-                os.close(fd)
-            fields = state.stat.rfind(b")", 0, n) + 2  # then: state, ppid, ...
-            ppid_at = state.stat.index(b" ", fields, n) + 1
-            if int(state.stat[ppid_at:state.stat.index(b" ", ppid_at, n)]) == me:
-                found.append(int(entry.name))
-        state.stat[:n] = bytes(n)
-    return found
+def _children(buf):
+    """Our children, from the host's /proc (no PID namespace: our own pid as that /proc numbers it)."""
+    me = int(os.readlink("/proc/self"))
+    return [pid for pid, stat in _processes(buf).items() if stat.ppid == me]
 
 
 def _remove_workdir(state):
@@ -1031,29 +1025,14 @@ def _fork_next(state):
     """The next snippet's process, init of a new PID namespace: it confines itself now and waits on
     its end of a socket pair (ours, returned with its pid) for "run"/"hold" + the caller's 4 fds."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    if state.iso["pid_namespace"]:
-        _unshare(CLONE_NEWPID)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _next_snippet(state, theirs.fileno())
-    finally:
-        if state.iso["pid_namespace"]:
-            _setns(state.pidns)
-        theirs.close()
+    pid = _fork(state.iso["pid_namespace"], state.pidns)
+    if pid == 0:
+        _next_snippet(state, theirs.fileno())
+    theirs.close()
     return pid, ours
 
 
 # ----------------------------------------------------------------------------- the snippet child
-def _own_user_namespace(state):
-    """User mode: a user namespace per snippet with the uid 2^20+pid inside (mapped to the worker's
-    root, i.e. the user): its RLIMIT_NPROC count starts at 0 and caps this snippet alone."""
-    _unshare(CLONE_NEWUSER)
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{state.uid} 0 1")
-    _write("/proc/self/gid_map", f"{state.uid} 0 1")
-
-
 def _drop_uid(state):
     os.setgroups([])
     os.setgid(state.uid)
@@ -1115,8 +1094,10 @@ def _confine(state, strict=True):
     _prctl(PR_SET_DUMPABLE, 1)  # the worker is not dumpable; we are, so our /proc/self is ours
     _step(iso, "ipc_namespace", lambda: _unshare(CLONE_NEWIPC), strict)  # SysV IPC and mqueues die with us
     os.chdir(state.workdir)
-    if state.userns:  # 1. the user namespace first: it must not inherit our lowered RLIMIT_NPROC
-        _step(iso, "uid_drop", lambda: _own_user_namespace(state), strict)
+    # 1. User mode: a user namespace of our own, uid 2^20+pid mapped to the worker's root (the user), so
+    # its RLIMIT_NPROC count starts at 0 and caps this snippet alone; first: it must not inherit our lowered one
+    if state.userns:
+        _step(iso, "uid_drop", lambda: _new_user_namespace(state.uid, 0, 0), strict)
     _step(iso, "rlimits", lambda: _rlimits(state), strict)  # 2.
     if state.userns:  # 3. unprivileged: in a user namespace of our own, by giving caps up
         _step(iso, "uid_drop", _drop_capabilities, strict)
@@ -1363,30 +1344,25 @@ def _kill_others(shared_pids):
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
         return
-    me, sid = os.getpid(), os.getsid(0)
+    me, sid, buf = os.getpid(), os.getsid(0), bytearray(STAT_SIZE)
     while True:
-        others = [pid for pid in _session_members(sid) if pid not in (me, sid)]
+        others = [pid for pid in _session_members(sid, buf) if pid not in (me, sid)]
         if not others:
             return
         for pid in others:
             with contextlib.suppress(OSError):
                 fd = os.pidfd_open(pid)
                 try:
-                    if pid in _session_members(sid, [pid]):
+                    if _session_members(sid, buf, [pid]):
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
                 finally:
                     os.close(fd)
 
 
-def _session_members(sid, pids=None):
+def _session_members(sid, buf, pids=None):
     """The live (not zombie) processes among pids (default: all in /proc) whose session is sid."""
-    found = []
-    for pid in pids or [int(name) for name in os.listdir("/proc") if name.isdigit()]:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            state, _, _, session = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[:4]
-            if int(session) == sid and state != "Z":
-                found.append(pid)
-    return found
+    stats = _processes(buf) if pids is None else {pid: _stat(pid, buf) for pid in pids}
+    return [pid for pid, stat in stats.items() if stat is not None and stat.session == sid and stat.state != b"Z"]
 
 
 # ----------------------------------------------------------------------------- CLI
