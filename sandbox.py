@@ -773,11 +773,15 @@ def _pid_namespace_probe(pidns):  # can we make a PID namespace for a child and 
 def _fork(new_pid_namespace, pidns):
     """Fork; with new_pid_namespace the child is init of a PID namespace of its own, and our later
     children are born in pidns (ours) again."""
-    if new_pid_namespace:
-        _unshare(CLONE_NEWPID)
-    pid = os.fork()
-    if pid and new_pid_namespace:
-        _check(_libc.setns(pidns, CLONE_NEWPID), "setns")
+    if not new_pid_namespace:
+        return os.fork()
+    _unshare(CLONE_NEWPID)
+    pid = None
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:  # the parent, also when the fork failed
+            _check(_libc.setns(pidns, CLONE_NEWPID), "setns")
     return pid
 
 
@@ -1025,10 +1029,10 @@ def _fork_next(state):
     """The next snippet's process, init of a new PID namespace: it confines itself now and waits on
     its end of a socket pair (ours, returned with its pid) for "run"/"hold" + the caller's 4 fds."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = _fork(state.iso["pid_namespace"], state.pidns)
-    if pid == 0:
-        _next_snippet(state, theirs.fileno())
-    theirs.close()
+    with theirs:  # (the child never returns from _next_snippet)
+        pid = _fork(state.iso["pid_namespace"], state.pidns)
+        if pid == 0:
+            _next_snippet(state, theirs.fileno())
     return pid, ours
 
 
