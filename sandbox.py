@@ -1098,8 +1098,9 @@ def _confine(state, strict=True):
     _prctl(PR_SET_DUMPABLE, 1)  # the worker is not dumpable; we are, so our /proc/self is ours
     _step(iso, "ipc_namespace", lambda: _unshare(CLONE_NEWIPC), strict)  # SysV IPC and mqueues die with us
     os.chdir(state.workdir)
-    # 1. User mode: a user namespace of our own, uid 2^20+pid mapped to the worker's root (the user), so
-    # its RLIMIT_NPROC count starts at 0 and caps this snippet alone; first: it must not inherit our lowered one
+    # 1. User mode: a user namespace of our own, uid 2^20+pid mapped to the worker's root (the user): its
+    # RLIMIT_NPROC count starts at 0 and caps this snippet alone. First, so that it does not inherit the
+    # RLIMIT_NPROC that 2. lowers.
     if state.userns:
         _step(iso, "uid_drop", lambda: _new_user_namespace(state.uid, 0, 0), strict)
     _step(iso, "rlimits", lambda: _rlimits(state), strict)  # 2.
